@@ -1,0 +1,88 @@
+"""Pure-torch Philox4x32-10 and the Box-Muller normals built on it.
+
+This is the twin of ``philox4x32_10`` / ``philox_normal4`` in ``csrc/diffcore_math.h``: the same counter layout,
+the same key schedule and the same Box-Muller transform in float64, so that the fused kernels (CPU and CUDA) and
+this reference draw the same noise for the same ``(seed, offset)``.
+
+Counter layout for element ``j`` (memory order inside its sample) of sample ``b``:
+``ctr = (j // 4, b, offset mod 2**32, offset // 2**32)``, key ``(seed mod 2**32, seed // 2**32)``; the four
+32-bit outputs give four normals, and element ``j`` takes lane ``j % 4``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of the 64-bit product a * b for a < 2**32 and int64 tensors b < 2**32."""
+    b_lo = b & 0xFFFF
+    b_hi = b >> 16
+    p_lo = a * b_lo  # < 2**48
+    p_hi = a * b_hi  # < 2**48
+    lo = ((p_hi & 0xFFFF) << 16) + p_lo
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    return hi & _MASK32, lo & _MASK32
+
+
+def philox4x32_10(counter: tuple[torch.Tensor, ...], seed: int) -> tuple[torch.Tensor, ...]:
+    """Ten Philox rounds on int64 tensors holding uint32 values; returns the four output words."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for round_index in range(10):
+        if round_index > 0:
+            k0, k1 = (k0 + _W0) & _MASK32, (k1 + _W1) & _MASK32
+        hi0, lo0 = _mulhilo(_M0, c0)
+        hi1, lo1 = _mulhilo(_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def philox_normal(batch: int, row_numel: int, seed: int, offset: int, device=None) -> torch.Tensor:
+    """Standard normals of shape ``[batch, row_numel]`` (float64), element (b, j) as the fused kernels draw it."""
+    if seed < 0 or offset < 0:
+        raise ValueError(f"seed and offset must be >= 0, got seed={seed}, offset={offset}")
+    groups = (row_numel + 3) // 4
+    g = torch.arange(groups, dtype=torch.int64, device=device).expand(batch, groups)
+    b = torch.arange(batch, dtype=torch.int64, device=device)[:, None].expand(batch, groups)
+    c2 = torch.full_like(g, offset & _MASK32)
+    c3 = torch.full_like(g, (offset >> 32) & _MASK32)
+    r0, r1, r2, r3 = philox4x32_10((g & _MASK32, b & _MASK32, c2, c3), seed)
+    scale = 2.0**-32
+    rad_a = torch.sqrt(-2.0 * torch.log((r0.double() + 1.0) * scale))
+    rad_b = torch.sqrt(-2.0 * torch.log((r2.double() + 1.0) * scale))
+    ang_a = (2.0 * math.pi * scale) * r1.double()
+    ang_b = (2.0 * math.pi * scale) * r3.double()
+    lanes = torch.stack(
+        [rad_a * torch.cos(ang_a), rad_a * torch.sin(ang_a), rad_b * torch.cos(ang_b), rad_b * torch.sin(ang_b)],
+        dim=-1,
+    )
+    return lanes.reshape(batch, groups * 4)[:, :row_numel]
+
+
+def kernel_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout the fused kernels process ``x`` in: channels_last only for a 4-D tensor that is channels_last
+    and not also contiguous; contiguous otherwise. The C++ bindings apply the same rule."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def philox_normal_like(x: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
+    """Normals shaped and laid out like ``x`` (memory order of its suggested format), in x's dtype."""
+    batch = x.shape[0]
+    row = x[0].numel() if batch > 0 else 0
+    memory_format = kernel_memory_format(x)
+    flat = philox_normal(batch, row, seed, offset, device=x.device)
+    out = torch.empty_like(x, memory_format=memory_format)
+    if memory_format == torch.channels_last:
+        n, c, h, w = x.shape
+        out.copy_(flat.reshape(n, h, w, c).permute(0, 3, 1, 2))
+    else:
+        out.copy_(flat.reshape(x.shape))
+    return out
