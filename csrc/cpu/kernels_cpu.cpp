@@ -1,0 +1,259 @@
+// CPU kernels of the fused ops: loops over (sample, contiguous segment) pairs with at::parallel_for; the math is
+// the shared header's. Element loops are branch-free after the op-level switches are turned into template
+// constants, so the compiler vectorizes the ones without transcendental functions.
+#include "cpu/kernels_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "diffcore_math.h"
+
+namespace diffcore {
+namespace cpu {
+namespace {
+
+constexpr int64_t kGrain = 16384;  // elements per parallel task
+constexpr int64_t kChunk = 256;    // elements per noise buffer
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<scalar_t>, Tag<acc_t>) for the dtype.
+template <typename F>
+void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(Tag<float>{}, Tag<float>{});
+    case DType::kFloat64: return f(Tag<double>{}, Tag<double>{});
+    case DType::kFloat16: return f(Tag<c10::Half>{}, Tag<float>{});
+    case DType::kBFloat16: return f(Tag<c10::BFloat16>{}, Tag<float>{});
+  }
+}
+
+template <int V>
+using Int = std::integral_constant<int, V>;
+
+// Calls f(Int<prediction_type>) so that the per-element switch folds away.
+template <typename F>
+void dispatch_prediction(int prediction_type, F&& f) {
+  switch (prediction_type) {
+    case kPredEps: return f(Int<kPredEps>{});
+    case kPredX0: return f(Int<kPredX0>{});
+    default: return f(Int<kPredV>{});
+  }
+}
+
+template <typename F>
+void dispatch_variance(int variance_type, F&& f) {
+  switch (variance_type) {
+    case kFixedSmall: return f(Int<kFixedSmall>{});
+    case kFixedLarge: return f(Int<kFixedLarge>{});
+    case kLearnedRange: return f(Int<kLearnedRange>{});
+    default: return f(Int<kLearned>{});
+  }
+}
+
+template <typename F>
+void dispatch_bool(bool value, F&& f) {
+  if (value) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
+// Runs body(b, j_begin, j_end) over every contiguous segment of B rows of `inner` elements, in parallel.
+template <typename F>
+void for_each_segment(int64_t batch, int64_t inner, F&& body) {
+  const int64_t total = batch * inner;
+  if (total == 0) return;
+  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t b = begin / inner, j = begin % inner;
+    while (begin < end) {
+      const int64_t len = std::min(inner - j, end - begin);
+      body(b, j, j + len);
+      begin += len;
+      ++b;
+      j = 0;
+    }
+  });
+}
+
+template <typename scalar_t>
+const scalar_t* row(const Rows& r, int64_t b) {
+  return static_cast<const scalar_t*>(r.data) + b * r.batch_stride;
+}
+
+template <typename scalar_t>
+scalar_t* row(const OutRows& r, int64_t b) {
+  return static_cast<scalar_t*>(r.data) + b * r.batch_stride;
+}
+
+// Noise of row b, elements [j0, j1) (j1 - j0 <= kChunk), into z: the given tensor, or Philox normals.
+template <typename scalar_t, typename acc_t>
+void load_noise(const Noise& noise, int64_t b, int64_t j0, int64_t j1, acc_t* z) {
+  if (noise.given.data != nullptr) {
+    const scalar_t* src = row<scalar_t>(noise.given, b);
+    for (int64_t j = j0; j < j1; ++j) z[j - j0] = static_cast<acc_t>(src[j]);
+    return;
+  }
+  int64_t j = j0;
+  while (j < j1) {
+    const Normal4 n = philox_normal4(noise.seed, noise.offset, (uint64_t)b, (uint64_t)(j >> 2));
+    for (int lane = (int)(j & 3); lane < 4 && j < j1; ++lane, ++j) z[j - j0] = static_cast<acc_t>(n.v[lane]);
+  }
+}
+
+}  // namespace
+
+void q_sample(const QSampleArgs& a) {
+  dispatch_dtype(a.dtype, [&](auto scalar_tag, auto acc_tag) {
+    using scalar_t = typename decltype(scalar_tag)::type;
+    using acc_t = typename decltype(acc_tag)::type;
+    for_each_segment(a.batch, a.inner, [&](int64_t b, int64_t j0, int64_t j1) {
+      const PredictCoeffs<acc_t> c = make_predict_coeffs<acc_t>(a.alphas_cumprod[a.t[b]]);
+      const scalar_t* __restrict__ x0 = row<scalar_t>(a.x0, b);
+      const scalar_t* __restrict__ noise = row<scalar_t>(a.noise, b);
+      scalar_t* __restrict__ out = row<scalar_t>(a.out, b);
+      for (int64_t j = j0; j < j1; ++j) {
+        out[j] = static_cast<scalar_t>(
+            q_sample_value(c, static_cast<acc_t>(x0[j]), static_cast<acc_t>(noise[j])));
+      }
+    });
+  });
+}
+
+void ddim_step(const DdimStepArgs& a) {
+  dispatch_dtype(a.dtype, [&](auto scalar_tag, auto acc_tag) {
+    using scalar_t = typename decltype(scalar_tag)::type;
+    using acc_t = typename decltype(acc_tag)::type;
+    dispatch_prediction(a.prediction_type, [&](auto P) {
+      dispatch_bool(a.clip_denoised, [&](auto CLIP) {
+        for_each_segment(a.batch, a.inner, [&](int64_t b, int64_t j0, int64_t j1) {
+          const DdimCoeffs<acc_t> c = make_ddim_coeffs<acc_t>(a.alphas_cumprod, a.t[b], a.t_prev[b], a.eta);
+          const scalar_t* __restrict__ x = row<scalar_t>(a.x, b);
+          const scalar_t* __restrict__ pred = row<scalar_t>(a.model_output, b);
+          scalar_t* __restrict__ x_prev = row<scalar_t>(a.x_prev, b);
+          scalar_t* __restrict__ pred_x0 = row<scalar_t>(a.pred_x0, b);
+          acc_t z[kChunk];
+          const bool noisy = c.sigma != (acc_t)0;
+          if (!noisy) std::fill(z, z + kChunk, (acc_t)0);
+          for (int64_t k0 = j0; k0 < j1; k0 += kChunk) {
+            const int64_t k1 = std::min(k0 + kChunk, j1);
+            if (noisy) load_noise<scalar_t, acc_t>(a.noise, b, k0, k1, z);
+            for (int64_t j = k0; j < k1; ++j) {
+              acc_t x0;
+              const acc_t out = ddim_value<acc_t>(P(), CLIP(), c, static_cast<acc_t>(x[j]),
+                                                  static_cast<acc_t>(pred[j]), z[j - k0], x0);
+              x_prev[j] = static_cast<scalar_t>(out);
+              pred_x0[j] = static_cast<scalar_t>(x0);
+            }
+          }
+        });
+      });
+    });
+  });
+}
+
+void ddpm_step(const DdpmStepArgs& a) {
+  dispatch_dtype(a.dtype, [&](auto scalar_tag, auto acc_tag) {
+    using scalar_t = typename decltype(scalar_tag)::type;
+    using acc_t = typename decltype(acc_tag)::type;
+    dispatch_prediction(a.prediction_type, [&](auto P) {
+      dispatch_variance(a.variance_type, [&](auto VT) {
+        dispatch_bool(a.clip_denoised, [&](auto CLIP) {
+          for_each_segment(a.batch, a.inner, [&](int64_t b, int64_t j0, int64_t j1) {
+            const PosteriorCoeffs<acc_t> c = make_posterior_coeffs<acc_t>(a.alphas_cumprod, a.t[b], VT());
+            const scalar_t* __restrict__ x = row<scalar_t>(a.x, b);
+            const scalar_t* __restrict__ pred = row<scalar_t>(a.prediction, b);
+            const scalar_t* __restrict__ var = a.variance.data ? row<scalar_t>(a.variance, b) : nullptr;
+            scalar_t* __restrict__ x_prev = row<scalar_t>(a.x_prev, b);
+            scalar_t* __restrict__ pred_x0 = row<scalar_t>(a.pred_x0, b);
+            acc_t z[kChunk];
+            if (!c.nonzero_t) std::fill(z, z + kChunk, (acc_t)0);
+            for (int64_t k0 = j0; k0 < j1; k0 += kChunk) {
+              const int64_t k1 = std::min(k0 + kChunk, j1);
+              if (c.nonzero_t) load_noise<scalar_t, acc_t>(a.noise, b, k0, k1, z);
+              for (int64_t j = k0; j < k1; ++j) {
+                const acc_t v = var ? static_cast<acc_t>(var[j]) : (acc_t)0;
+                acc_t x0;
+                const acc_t out = ddpm_value<acc_t>(P(), VT(), CLIP(), c, static_cast<acc_t>(x[j]),
+                                                    static_cast<acc_t>(pred[j]), v, z[j - k0], x0);
+                x_prev[j] = static_cast<scalar_t>(out);
+                pred_x0[j] = static_cast<scalar_t>(x0);
+              }
+            }
+          });
+        });
+      });
+    });
+  });
+}
+
+namespace {
+
+// Runs the hybrid-loss terms over every sample in parallel (one sample per task: the reductions are per sample
+// and deterministic); body(b, c, j, terms) sees each element.
+template <typename scalar_t, typename acc_t, typename F>
+void for_each_hybrid_term(const HybridLossArgs& a, bool want_grad, F&& body) {
+  dispatch_prediction(a.prediction_type, [&](auto P) {
+    dispatch_variance(a.variance_type, [&](auto VT) {
+      at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const PosteriorCoeffs<acc_t> c = make_posterior_coeffs<acc_t>(a.alphas_cumprod, a.t[b], VT());
+          const scalar_t* __restrict__ pred = row<scalar_t>(a.prediction, b);
+          const scalar_t* __restrict__ var = row<scalar_t>(a.variance, b);
+          const scalar_t* __restrict__ x0 = row<scalar_t>(a.x0, b);
+          const scalar_t* __restrict__ xt = row<scalar_t>(a.x_t, b);
+          const scalar_t* __restrict__ noise = row<scalar_t>(a.noise, b);
+          for (int64_t j = 0; j < a.inner; ++j) {
+            const HybridTerms<acc_t> terms = hybrid_terms<acc_t>(
+                P(), VT(), c, static_cast<acc_t>(pred[j]), static_cast<acc_t>(var[j]), static_cast<acc_t>(x0[j]),
+                static_cast<acc_t>(xt[j]), static_cast<acc_t>(noise[j]), want_grad);
+            body(b, j, terms);
+          }
+        }
+      });
+    });
+  });
+}
+
+}  // namespace
+
+void hybrid_loss_forward(const HybridLossArgs& a) {
+  dispatch_dtype(a.dtype, [&](auto scalar_tag, auto acc_tag) {
+    using scalar_t = typename decltype(scalar_tag)::type;
+    using acc_t = typename decltype(acc_tag)::type;
+    acc_t* mse = static_cast<acc_t*>(a.mse);
+    acc_t* vb = static_cast<acc_t*>(a.vb);
+    // Per-sample sums in double; every task owns whole samples.
+    std::vector<double> sum_sq(a.batch, 0.0), sum_vb(a.batch, 0.0);
+    for_each_hybrid_term<scalar_t, acc_t>(a, false, [&](int64_t b, int64_t, const HybridTerms<acc_t>& terms) {
+      sum_sq[b] += (double)terms.sq_err;
+      sum_vb[b] += (double)terms.vb_bits;
+    });
+    for (int64_t b = 0; b < a.batch; ++b) {
+      mse[b] = (acc_t)(a.inner > 0 ? sum_sq[b] / (double)a.inner : NAN);
+      vb[b] = (acc_t)(a.inner > 0 ? sum_vb[b] / (double)a.inner : NAN);
+    }
+  });
+}
+
+void hybrid_loss_backward(const HybridLossArgs& a) {
+  dispatch_dtype(a.dtype, [&](auto scalar_tag, auto acc_tag) {
+    using scalar_t = typename decltype(scalar_tag)::type;
+    using acc_t = typename decltype(acc_tag)::type;
+    const acc_t* grad_mse = static_cast<const acc_t*>(a.grad_mse);
+    const acc_t* grad_vb = static_cast<const acc_t*>(a.grad_vb);
+    const acc_t inv_n = a.inner > 0 ? (acc_t)(1.0 / (double)a.inner) : (acc_t)0;
+    for_each_hybrid_term<scalar_t, acc_t>(a, true, [&](int64_t b, int64_t j, const HybridTerms<acc_t>& terms) {
+      row<scalar_t>(a.grad_prediction, b)[j] = static_cast<scalar_t>(grad_mse[b] * inv_n * terms.d_sq_err_d_pred);
+      row<scalar_t>(a.grad_variance, b)[j] = static_cast<scalar_t>(grad_vb[b] * inv_n * terms.d_vb_d_v);
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace diffcore

@@ -1,0 +1,350 @@
+// diffcore_math.h: the one copy of every formula of the fused ops, as host-device inline functions.
+//
+// Included by the CPU kernels (csrc/cpu/kernels_cpu.cpp) and the CUDA kernels (csrc/cuda/kernels.cu); it must
+// stay free of torch headers so that nvcc can compile it on a machine whose torch is a CPU build.
+// Conventions (improved-diffusion): t in {0..T-1}, abar = alphas_cumprod[t], abar_prev = alphas_cumprod[t-1]
+// (1 at t = 0), beta = 1 - abar / abar_prev. Per-sample coefficients are computed in double from the float64
+// table and cast to the compute type acc_t (float, or double for float64 inputs); the elementwise math runs in
+// acc_t. The pure-torch twin of every function is in diffcore/reference/.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include "kernel_args.h"
+
+#if defined(__CUDACC__)
+#define DC_HD __host__ __device__ __forceinline__
+#else
+#define DC_HD inline
+#endif
+
+namespace diffcore {
+
+// ---- math overloads usable on host and device ----
+DC_HD float dc_exp(float x) { return expf(x); }
+DC_HD double dc_exp(double x) { return exp(x); }
+DC_HD float dc_log(float x) { return logf(x); }
+DC_HD double dc_log(double x) { return log(x); }
+DC_HD float dc_sqrt(float x) { return sqrtf(x); }
+DC_HD double dc_sqrt(double x) { return sqrt(x); }
+DC_HD float dc_tanh(float x) { return tanhf(x); }
+DC_HD double dc_tanh(double x) { return tanh(x); }
+template <typename T> DC_HD T dc_max(T a, T b) { return a > b ? a : b; }
+template <typename T> DC_HD T dc_min(T a, T b) { return a < b ? a : b; }
+template <typename T> DC_HD T dc_clamp(T x, T lo, T hi) { return dc_min(dc_max(x, lo), hi); }
+
+constexpr double kLn2 = 0.69314718055994530942;
+
+// ---- schedule quantities at one timestep (double) ----
+DC_HD double abar_prev_at(const double* abar, int64_t t) { return t > 0 ? abar[t - 1] : 1.0; }
+
+// beta~_t = beta_t (1 - abar_prev) / (1 - abar_t)
+DC_HD double posterior_variance_at(const double* abar, int64_t t) {
+  const double ab = abar[t], ab_prev = abar_prev_at(abar, t);
+  const double beta = 1.0 - ab / ab_prev;
+  return beta * (1.0 - ab_prev) / (1.0 - ab);
+}
+
+struct StepTables {
+  double abar, abar_prev, beta;
+  double log_post_var_clipped;  // log beta~_t, entry 0 replaced by entry 1
+  double log_beta_large;        // log beta_t, entry 0 replaced by log beta~_1 (fixed_large)
+};
+
+// Needs T >= 2 for the clipped entries at t = 0.
+DC_HD StepTables gather_tables(const double* abar, int64_t t) {
+  StepTables s;
+  s.abar = abar[t];
+  s.abar_prev = abar_prev_at(abar, t);
+  s.beta = 1.0 - s.abar / s.abar_prev;
+  const double var1 = posterior_variance_at(abar, 1);
+  s.log_post_var_clipped = log(t == 0 ? var1 : posterior_variance_at(abar, t));
+  s.log_beta_large = log(t == 0 ? var1 : s.beta);
+  return s;
+}
+
+// ---- model prediction -> (x0_hat, eps_hat) ----
+template <typename acc_t>
+struct PredictCoeffs {
+  acc_t sqrt_recip_abar, sqrt_recipm1_abar, sqrt_abar, sqrt_one_minus_abar;
+};
+
+template <typename acc_t>
+DC_HD PredictCoeffs<acc_t> make_predict_coeffs(double abar) {
+  PredictCoeffs<acc_t> c;
+  c.sqrt_recip_abar = (acc_t)sqrt(1.0 / abar);
+  c.sqrt_recipm1_abar = (acc_t)sqrt(1.0 / abar - 1.0);
+  c.sqrt_abar = (acc_t)sqrt(abar);
+  c.sqrt_one_minus_abar = (acc_t)sqrt(1.0 - abar);
+  return c;
+}
+
+// x0 = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps; eps = (sqrt(1/abar) x_t - x0) / sqrt(1/abar - 1);
+// v-prediction: x0 = sqrt(abar) x_t - sqrt(1 - abar) v, eps = sqrt(abar) v + sqrt(1 - abar) x_t.
+// With clip, x0 is clamped to [-1, 1] and eps re-derived from it.
+template <typename acc_t>
+DC_HD void predict_x0_eps(int prediction_type, bool clip, const PredictCoeffs<acc_t>& c, acc_t x, acc_t pred,
+                          acc_t& x0, acc_t& eps) {
+  if (prediction_type == kPredEps) {
+    x0 = c.sqrt_recip_abar * x - c.sqrt_recipm1_abar * pred;
+    eps = pred;
+  } else if (prediction_type == kPredX0) {
+    x0 = pred;
+    eps = (c.sqrt_recip_abar * x - x0) / c.sqrt_recipm1_abar;
+  } else {
+    x0 = c.sqrt_abar * x - c.sqrt_one_minus_abar * pred;
+    eps = c.sqrt_abar * pred + c.sqrt_one_minus_abar * x;
+  }
+  if (clip) {
+    x0 = dc_clamp(x0, (acc_t)-1, (acc_t)1);
+    eps = (c.sqrt_recip_abar * x - x0) / c.sqrt_recipm1_abar;
+  }
+}
+
+// The regression target of the prediction: noise, x0, or v = sqrt(abar) eps - sqrt(1 - abar) x0.
+template <typename acc_t>
+DC_HD acc_t training_target(int prediction_type, const PredictCoeffs<acc_t>& c, acc_t x0, acc_t noise) {
+  if (prediction_type == kPredEps) return noise;
+  if (prediction_type == kPredX0) return x0;
+  return c.sqrt_abar * noise - c.sqrt_one_minus_abar * x0;
+}
+
+// ---- q_sample: x_t = sqrt(abar) x0 + sqrt(1 - abar) noise ----
+template <typename acc_t>
+DC_HD acc_t q_sample_value(const PredictCoeffs<acc_t>& c, acc_t x0, acc_t noise) {
+  return c.sqrt_abar * x0 + c.sqrt_one_minus_abar * noise;
+}
+
+// ---- DDIM (Song et al. 2021, eq. 12) ----
+template <typename acc_t>
+struct DdimCoeffs {
+  PredictCoeffs<acc_t> predict;
+  acc_t c_x0, c_eps, sigma;
+};
+
+// t_prev < 0: final step (abar_s = 1). t_prev > t: reverse (inversion) step, sigma = 0.
+// sigma = eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t/abar_s); c_eps = sqrt(1 - abar_s - sigma^2).
+template <typename acc_t>
+DC_HD DdimCoeffs<acc_t> make_ddim_coeffs(const double* abar, int64_t t, int64_t t_prev, double eta) {
+  const double ab = abar[t];
+  const double ab_s = t_prev >= 0 ? abar[t_prev] : 1.0;
+  double sigma = 0.0;
+  if (t_prev < t && eta != 0.0) {
+    sigma = eta * sqrt((1.0 - ab_s) / (1.0 - ab)) * sqrt(dc_max(1.0 - ab / ab_s, 0.0));
+  }
+  DdimCoeffs<acc_t> c;
+  c.predict = make_predict_coeffs<acc_t>(ab);
+  c.c_x0 = (acc_t)sqrt(ab_s);
+  c.c_eps = (acc_t)sqrt(dc_max(1.0 - ab_s - sigma * sigma, 0.0));
+  c.sigma = (acc_t)sigma;
+  return c;
+}
+
+// x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z. Returns x_s; writes x0_hat.
+template <typename acc_t>
+DC_HD acc_t ddim_value(int prediction_type, bool clip, const DdimCoeffs<acc_t>& c, acc_t x, acc_t pred, acc_t z,
+                       acc_t& x0) {
+  acc_t eps;
+  predict_x0_eps(prediction_type, clip, c.predict, x, pred, x0, eps);
+  return c.c_x0 * x0 + c.c_eps * eps + c.sigma * z;
+}
+
+// ---- posterior q(x_{t-1} | x_t, x0) and model variances ----
+template <typename acc_t>
+struct PosteriorCoeffs {
+  PredictCoeffs<acc_t> predict;
+  acc_t coef1, coef2;      // mu~ = coef1 x0 + coef2 x_t
+  acc_t post_log_var;      // log beta~ (clipped)
+  acc_t fixed_log_var;     // the model's log variance for the fixed types
+  acc_t max_log;           // log beta_t (learned_range upper end)
+  bool nonzero_t;          // t > 0
+};
+
+template <typename acc_t>
+DC_HD PosteriorCoeffs<acc_t> make_posterior_coeffs(const double* abar, int64_t t, int variance_type) {
+  const StepTables s = gather_tables(abar, t);
+  PosteriorCoeffs<acc_t> c;
+  c.predict = make_predict_coeffs<acc_t>(s.abar);
+  c.coef1 = (acc_t)(s.beta * sqrt(s.abar_prev) / (1.0 - s.abar));
+  c.coef2 = (acc_t)((1.0 - s.abar_prev) * sqrt(1.0 - s.beta) / (1.0 - s.abar));
+  c.post_log_var = (acc_t)s.log_post_var_clipped;
+  c.fixed_log_var = (acc_t)(variance_type == kFixedLarge ? s.log_beta_large : s.log_post_var_clipped);
+  c.max_log = (acc_t)log(s.beta);
+  c.nonzero_t = t > 0;
+  return c;
+}
+
+// log sigma^2 of p(x_{t-1} | x_t): fixed, learned_range (frac log beta + (1 - frac) log beta~, frac = (v+1)/2)
+// or learned (v itself).
+template <typename acc_t>
+DC_HD acc_t model_log_variance(int variance_type, const PosteriorCoeffs<acc_t>& c, acc_t v) {
+  if (variance_type == kLearnedRange) {
+    const acc_t frac = (v + (acc_t)1) / (acc_t)2;
+    return frac * c.max_log + ((acc_t)1 - frac) * c.post_log_var;
+  }
+  if (variance_type == kLearned) return v;
+  return c.fixed_log_var;
+}
+
+// d(model log variance)/dv for the learned types.
+template <typename acc_t>
+DC_HD acc_t model_log_variance_grad(int variance_type, const PosteriorCoeffs<acc_t>& c) {
+  return variance_type == kLearnedRange ? (c.max_log - c.post_log_var) / (acc_t)2 : (acc_t)1;
+}
+
+// One ancestral step: x_{t-1} = mu~(x0_hat, x_t) + [t > 0] exp(0.5 log sigma^2) z. Returns x_{t-1}; writes x0_hat.
+template <typename acc_t>
+DC_HD acc_t ddpm_value(int prediction_type, int variance_type, bool clip, const PosteriorCoeffs<acc_t>& c, acc_t x,
+                       acc_t pred, acc_t v, acc_t z, acc_t& x0) {
+  acc_t eps;
+  predict_x0_eps(prediction_type, clip, c.predict, x, pred, x0, eps);
+  const acc_t mean = c.coef1 * x0 + c.coef2 * x;
+  if (!c.nonzero_t) return mean;
+  return mean + dc_exp((acc_t)0.5 * model_log_variance(variance_type, c, v)) * z;
+}
+
+// ---- the hybrid loss terms ----
+// KL(N(m1, e^lv1) || N(m2, e^lv2)) in nats.
+template <typename acc_t>
+DC_HD acc_t normal_kl(acc_t m1, acc_t lv1, acc_t m2, acc_t lv2) {
+  const acc_t d = m1 - m2;
+  return (acc_t)0.5 * ((acc_t)-1 + lv2 - lv1 + dc_exp(lv1 - lv2) + d * d * dc_exp(-lv2));
+}
+
+// d KL / d lv2
+template <typename acc_t>
+DC_HD acc_t normal_kl_grad_lv2(acc_t m1, acc_t lv1, acc_t m2, acc_t lv2) {
+  const acc_t d = m1 - m2;
+  return (acc_t)0.5 * ((acc_t)1 - dc_exp(lv1 - lv2) - d * d * dc_exp(-lv2));
+}
+
+// Approximate standard normal CDF 0.5 (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))) and its derivative.
+template <typename acc_t>
+DC_HD acc_t approx_cdf(acc_t u) {
+  const acc_t k = (acc_t)0.7978845608028654;
+  return (acc_t)0.5 * ((acc_t)1 + dc_tanh(k * (u + (acc_t)0.044715 * u * u * u)));
+}
+
+template <typename acc_t>
+DC_HD acc_t approx_pdf(acc_t u) {
+  const acc_t k = (acc_t)0.7978845608028654;
+  const acc_t th = dc_tanh(k * (u + (acc_t)0.044715 * u * u * u));
+  return (acc_t)0.5 * ((acc_t)1 - th * th) * k * ((acc_t)1 + (acc_t)(3 * 0.044715) * u * u);
+}
+
+// log p(x) of x in [-1, 1] under N(mean, e^{2 log_scale}) discretized into 256 bins of width 2/255 (edge bins
+// open), logs clamped at 1e-12; and d log p / d log_scale (mean held fixed).
+template <typename acc_t>
+DC_HD acc_t discretized_log_likelihood(acc_t x, acc_t mean, acc_t log_scale, acc_t* grad_log_scale) {
+  const acc_t centered = x - mean;
+  const acc_t inv_stdv = dc_exp(-log_scale);
+  const acc_t half_bin = (acc_t)(1.0 / 255.0);
+  const acc_t plus_in = inv_stdv * (centered + half_bin);
+  const acc_t min_in = inv_stdv * (centered - half_bin);
+  const acc_t tiny = (acc_t)1e-12;
+  // d plus_in / d log_scale = -plus_in (likewise for min_in)
+  if (x < (acc_t)-0.999) {
+    const acc_t cdf_plus = approx_cdf(plus_in);
+    if (grad_log_scale) *grad_log_scale = cdf_plus >= tiny ? -approx_pdf(plus_in) * plus_in / cdf_plus : (acc_t)0;
+    return dc_log(dc_max(cdf_plus, tiny));
+  }
+  if (x > (acc_t)0.999) {
+    const acc_t one_minus = (acc_t)1 - approx_cdf(min_in);
+    if (grad_log_scale) *grad_log_scale = one_minus >= tiny ? approx_pdf(min_in) * min_in / one_minus : (acc_t)0;
+    return dc_log(dc_max(one_minus, tiny));
+  }
+  const acc_t delta = approx_cdf(plus_in) - approx_cdf(min_in);
+  if (grad_log_scale) {
+    *grad_log_scale =
+        delta >= tiny ? (approx_pdf(min_in) * min_in - approx_pdf(plus_in) * plus_in) / delta : (acc_t)0;
+  }
+  return dc_log(dc_max(delta, tiny));
+}
+
+template <typename acc_t>
+struct HybridTerms {
+  acc_t sq_err;   // (prediction - target)^2
+  acc_t vb_bits;  // KL (t > 0) or decoder NLL (t = 0), in bits
+  acc_t d_sq_err_d_pred;
+  acc_t d_vb_d_v;
+};
+
+// Per-element terms of the hybrid loss and their derivatives. The model mean uses x0_hat from the prediction,
+// which the loss treats as a constant (stop-gradient): vb depends on the variance output v only.
+template <typename acc_t>
+DC_HD HybridTerms<acc_t> hybrid_terms(int prediction_type, int variance_type, const PosteriorCoeffs<acc_t>& c,
+                                      acc_t pred, acc_t v, acc_t x0, acc_t x_t, acc_t noise, bool want_grad) {
+  HybridTerms<acc_t> r;
+  const acc_t err = pred - training_target(prediction_type, c.predict, x0, noise);
+  r.sq_err = err * err;
+  r.d_sq_err_d_pred = (acc_t)2 * err;
+  acc_t x0_hat, eps_hat;
+  predict_x0_eps(prediction_type, false, c.predict, x_t, pred, x0_hat, eps_hat);
+  const acc_t model_mean = c.coef1 * x0_hat + c.coef2 * x_t;
+  const acc_t model_lv = model_log_variance(variance_type, c, v);
+  const acc_t inv_ln2 = (acc_t)(1.0 / kLn2);
+  acc_t d_vb_d_lv;
+  if (c.nonzero_t) {
+    const acc_t true_mean = c.coef1 * x0 + c.coef2 * x_t;
+    r.vb_bits = normal_kl(true_mean, c.post_log_var, model_mean, model_lv) * inv_ln2;
+    d_vb_d_lv = want_grad ? normal_kl_grad_lv2(true_mean, c.post_log_var, model_mean, model_lv) * inv_ln2 : (acc_t)0;
+  } else {
+    acc_t d_ll_d_scale = 0;
+    r.vb_bits = -discretized_log_likelihood(x0, model_mean, (acc_t)0.5 * model_lv,
+                                            want_grad ? &d_ll_d_scale : (acc_t*)0) * inv_ln2;
+    d_vb_d_lv = -(acc_t)0.5 * d_ll_d_scale * inv_ln2;
+  }
+  r.d_vb_d_v = d_vb_d_lv * model_log_variance_grad(variance_type, c);
+  return r;
+}
+
+// ---- counter-based noise: Philox4x32-10 (Salmon et al. 2011) and Box-Muller in double ----
+struct Uint4 {
+  uint32_t x, y, z, w;
+};
+
+DC_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
+  const uint64_t product = (uint64_t)a * (uint64_t)b;
+  *hi = (uint32_t)(product >> 32);
+  return (uint32_t)product;
+}
+
+DC_HD Uint4 philox4x32_10(Uint4 ctr, uint32_t k0, uint32_t k1) {
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    uint32_t hi0, hi1;
+    const uint32_t lo0 = mulhilo32(0xD2511F53u, ctr.x, &hi0);
+    const uint32_t lo1 = mulhilo32(0xCD9E8D57u, ctr.z, &hi1);
+    ctr = Uint4{hi1 ^ ctr.y ^ k0, lo1, hi0 ^ ctr.w ^ k1, lo0};
+  }
+  return ctr;
+}
+
+struct Normal4 {
+  double v[4];
+};
+
+// Four standard normals for group g (= j / 4) of sample b: counter (g, b, offset lo, offset hi), key = seed.
+// Element j of the sample takes lane j % 4. Box-Muller in double so CPU and CUDA agree to float rounding.
+DC_HD Normal4 philox_normal4(uint64_t seed, uint64_t offset, uint64_t b, uint64_t g) {
+  const Uint4 r = philox4x32_10(Uint4{(uint32_t)g, (uint32_t)b, (uint32_t)offset, (uint32_t)(offset >> 32)},
+                                (uint32_t)seed, (uint32_t)(seed >> 32));
+  const double scale = 2.3283064365386963e-10;  // 2^-32
+  const double two_pi = 6.283185307179586;
+  const double rad_a = sqrt(-2.0 * log(((double)r.x + 1.0) * scale));
+  const double rad_b = sqrt(-2.0 * log(((double)r.z + 1.0) * scale));
+  const double ang_a = two_pi * scale * (double)r.y;
+  const double ang_b = two_pi * scale * (double)r.w;
+  Normal4 n;
+  n.v[0] = rad_a * cos(ang_a);
+  n.v[1] = rad_a * sin(ang_a);
+  n.v[2] = rad_b * cos(ang_b);
+  n.v[3] = rad_b * sin(ang_b);
+  return n;
+}
+
+}  // namespace diffcore

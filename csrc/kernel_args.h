@@ -1,0 +1,85 @@
+// kernel_args.h: plain argument structs handed from the torch bindings (csrc/ops.cpp) to the CPU kernels and the
+// CUDA kernels. Torch-free, so that .cu files can include it.
+//
+// Every image-like tensor is seen as B rows of `inner` elements: element j of sample b sits at
+// data + b * batch_stride + j (the bindings make the inner part dense, in the tensor's own layout).
+#pragma once
+
+#include <stdint.h>
+
+namespace diffcore {
+
+// Values shared with diffcore/types.py.
+enum PredictionType : int { kPredEps = 0, kPredX0 = 1, kPredV = 2 };
+enum VarianceType : int { kFixedSmall = 0, kFixedLarge = 1, kLearnedRange = 2, kLearned = 3 };
+
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+struct Rows {
+  const void* data;
+  int64_t batch_stride;  // elements
+};
+
+struct OutRows {
+  void* data;
+  int64_t batch_stride;  // elements
+};
+
+struct Noise {
+  Rows given;         // given.data == nullptr: draw in-kernel from Philox(seed, offset)
+  uint64_t seed;
+  uint64_t offset;
+};
+
+struct QSampleArgs {
+  DType dtype;
+  int64_t batch, inner;
+  Rows x0, noise;
+  const int64_t* t;
+  const double* alphas_cumprod;
+  OutRows out;
+};
+
+struct DdimStepArgs {
+  DType dtype;
+  int64_t batch, inner;
+  Rows x, model_output;
+  const int64_t* t;
+  const int64_t* t_prev;
+  const double* alphas_cumprod;
+  double eta;
+  int prediction_type;
+  bool clip_denoised;
+  Noise noise;
+  OutRows x_prev, pred_x0;
+};
+
+struct DdpmStepArgs {
+  DType dtype;
+  int64_t batch, inner;
+  Rows x, prediction, variance;  // variance.data == nullptr for the fixed variance types
+  const int64_t* t;
+  const double* alphas_cumprod;
+  int prediction_type, variance_type;
+  bool clip_denoised;
+  Noise noise;
+  OutRows x_prev, pred_x0;
+};
+
+struct HybridLossArgs {
+  DType dtype;
+  int64_t batch, inner;
+  Rows prediction, variance, x0, x_t, noise;
+  const int64_t* t;
+  const double* alphas_cumprod;
+  int prediction_type, variance_type;
+  // forward: per-sample means (compute dtype: float, or double for float64 inputs)
+  void* mse;
+  void* vb;
+  // backward (grad_mse/grad_vb in the compute dtype, [B]); grad_prediction/grad_variance rows
+  const void* grad_mse;
+  const void* grad_vb;
+  OutRows grad_prediction, grad_variance;
+};
+
+}  // namespace diffcore
