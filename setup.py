@@ -51,7 +51,7 @@ def _extensions():
         macros.append(("DIFFCORE_WITH_CUDA", None))
         extension = CUDAExtension(
             "diffcore._C", CPU_SOURCES + CUDA_SOURCES, include_dirs=include_dirs, define_macros=macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -157,6 +157,7 @@ struct PosteriorCoeffs {
   acc_t coef1, coef2;      // mu~ = coef1 x0 + coef2 x_t
   acc_t post_log_var;      // log beta~ (clipped)
   acc_t fixed_log_var;     // the model's log variance for the fixed types
+  acc_t fixed_std;         // exp(0.5 fixed_log_var), once per sample
   acc_t max_log;           // log beta_t (learned_range upper end)
   bool nonzero_t;          // t > 0
 };
@@ -169,7 +170,9 @@ DC_HD PosteriorCoeffs<acc_t> make_posterior_coeffs(const double* abar, int64_t t
   c.coef1 = (acc_t)(s.beta * sqrt(s.abar_prev) / (1.0 - s.abar));
   c.coef2 = (acc_t)((1.0 - s.abar_prev) * sqrt(1.0 - s.beta) / (1.0 - s.abar));
   c.post_log_var = (acc_t)s.log_post_var_clipped;
-  c.fixed_log_var = (acc_t)(variance_type == kFixedLarge ? s.log_beta_large : s.log_post_var_clipped);
+  const double fixed_log_var = variance_type == kFixedLarge ? s.log_beta_large : s.log_post_var_clipped;
+  c.fixed_log_var = (acc_t)fixed_log_var;
+  c.fixed_std = (acc_t)exp(0.5 * fixed_log_var);
   c.max_log = (acc_t)log(s.beta);
   c.nonzero_t = t > 0;
   return c;
@@ -201,6 +204,7 @@ DC_HD acc_t ddpm_value(int prediction_type, int variance_type, bool clip, const 
   predict_x0_eps(prediction_type, clip, c.predict, x, pred, x0, eps);
   const acc_t mean = c.coef1 * x0 + c.coef2 * x;
   if (!c.nonzero_t) return mean;
+  if (variance_type == kFixedSmall || variance_type == kFixedLarge) return mean + c.fixed_std * z;
   return mean + dc_exp((acc_t)0.5 * model_log_variance(variance_type, c, v)) * z;
 }
 
@@ -324,26 +328,34 @@ DC_HD Uint4 philox4x32_10(Uint4 ctr, uint32_t k0, uint32_t k1) {
   return ctr;
 }
 
+template <typename real_t>
 struct Normal4 {
-  double v[4];
+  real_t v[4];
 };
 
+DC_HD void dc_sincos(float x, float* s, float* c) { *s = sinf(x); *c = cosf(x); }
+DC_HD void dc_sincos(double x, double* s, double* c) { *s = sin(x); *c = cos(x); }
+
 // Four standard normals for group g (= j / 4) of sample b: counter (g, b, offset lo, offset hi), key = seed.
-// Element j of the sample takes lane j % 4. Box-Muller in double so CPU and CUDA agree to float rounding.
-DC_HD Normal4 philox_normal4(uint64_t seed, uint64_t offset, uint64_t b, uint64_t g) {
+// Element j of the sample takes lane j % 4. Box-Muller in real_t (float for float/half outputs, double for
+// double): CPU and CUDA agree to a few ulps of real_t (their libm functions may round differently).
+template <typename real_t>
+DC_HD Normal4<real_t> philox_normal4(uint64_t seed, uint64_t offset, uint64_t b, uint64_t g) {
   const Uint4 r = philox4x32_10(Uint4{(uint32_t)g, (uint32_t)b, (uint32_t)offset, (uint32_t)(offset >> 32)},
                                 (uint32_t)seed, (uint32_t)(seed >> 32));
-  const double scale = 2.3283064365386963e-10;  // 2^-32
-  const double two_pi = 6.283185307179586;
-  const double rad_a = sqrt(-2.0 * log(((double)r.x + 1.0) * scale));
-  const double rad_b = sqrt(-2.0 * log(((double)r.z + 1.0) * scale));
-  const double ang_a = two_pi * scale * (double)r.y;
-  const double ang_b = two_pi * scale * (double)r.w;
-  Normal4 n;
-  n.v[0] = rad_a * cos(ang_a);
-  n.v[1] = rad_a * sin(ang_a);
-  n.v[2] = rad_b * cos(ang_b);
-  n.v[3] = rad_b * sin(ang_b);
+  const real_t scale = (real_t)2.3283064365386963e-10;  // 2^-32
+  const real_t two_pi_scale = (real_t)(6.283185307179586 * 2.3283064365386963e-10);
+  // u = (r + 1) 2^-32 in (0, 1]; in float, r + 1 rounds to a multiple of 256 near 2^32, never to 0
+  const real_t rad_a = dc_sqrt((real_t)-2 * dc_log(((real_t)r.x + (real_t)1) * scale));
+  const real_t rad_b = dc_sqrt((real_t)-2 * dc_log(((real_t)r.z + (real_t)1) * scale));
+  real_t sa, ca, sb, cb;
+  dc_sincos(two_pi_scale * (real_t)r.y, &sa, &ca);
+  dc_sincos(two_pi_scale * (real_t)r.w, &sb, &cb);
+  Normal4<real_t> n;
+  n.v[0] = rad_a * ca;
+  n.v[1] = rad_a * sa;
+  n.v[2] = rad_b * cb;
+  n.v[3] = rad_b * sb;
   return n;
 }
 

@@ -101,7 +101,7 @@ void load_noise(const Noise& noise, int64_t b, int64_t j0, int64_t j1, acc_t* z)
   }
   int64_t j = j0;
   while (j < j1) {
-    const Normal4 n = philox_normal4(noise.seed, noise.offset, (uint64_t)b, (uint64_t)(j >> 2));
+    const Normal4<acc_t> n = philox_normal4<acc_t>(noise.seed, noise.offset, (uint64_t)b, (uint64_t)(j >> 2));
     for (int lane = (int)(j & 3); lane < 4 && j < j1; ++lane, ++j) z[j - j0] = static_cast<acc_t>(n.v[lane]);
   }
 }

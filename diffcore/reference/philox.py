@@ -1,7 +1,7 @@
 """Pure-torch Philox4x32-10 and the Box-Muller normals built on it.
 
 This is the twin of ``philox4x32_10`` / ``philox_normal4`` in ``csrc/diffcore_math.h``: the same counter layout,
-the same key schedule and the same Box-Muller transform in float64, so that the fused kernels (CPU and CUDA) and
+the same key schedule and the same Box-Muller transform (float32, or float64 for float64 outputs), so that the fused kernels (CPU and CUDA) and
 this reference draw the same noise for the same ``(seed, offset)``.
 
 Counter layout for element ``j`` (memory order inside its sample) of sample ``b``:
@@ -43,8 +43,13 @@ def philox4x32_10(counter: tuple[torch.Tensor, ...], seed: int) -> tuple[torch.T
     return c0, c1, c2, c3
 
 
-def philox_normal(batch: int, row_numel: int, seed: int, offset: int, device=None) -> torch.Tensor:
-    """Standard normals of shape ``[batch, row_numel]`` (float64), element (b, j) as the fused kernels draw it."""
+def philox_normal(batch: int, row_numel: int, seed: int, offset: int, device=None,
+                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Standard normals of shape ``[batch, row_numel]``, element (b, j) as the fused kernels draw it.
+
+    The Box-Muller transform runs in ``dtype`` (float32 for float32/16 outputs, float64 for float64), as in the
+    kernels, so kernels and reference agree to a few ulps of that dtype.
+    """
     if seed < 0 or offset < 0:
         raise ValueError(f"seed and offset must be >= 0, got seed={seed}, offset={offset}")
     groups = (row_numel + 3) // 4
@@ -54,10 +59,11 @@ def philox_normal(batch: int, row_numel: int, seed: int, offset: int, device=Non
     c3 = torch.full_like(g, (offset >> 32) & _MASK32)
     r0, r1, r2, r3 = philox4x32_10((g & _MASK32, b & _MASK32, c2, c3), seed)
     scale = 2.0**-32
-    rad_a = torch.sqrt(-2.0 * torch.log((r0.double() + 1.0) * scale))
-    rad_b = torch.sqrt(-2.0 * torch.log((r2.double() + 1.0) * scale))
-    ang_a = (2.0 * math.pi * scale) * r1.double()
-    ang_b = (2.0 * math.pi * scale) * r3.double()
+    two_pi_scale = 2.0 * math.pi * 2.0**-32
+    rad_a = torch.sqrt(-2.0 * torch.log((r0.to(dtype) + 1.0) * scale))
+    rad_b = torch.sqrt(-2.0 * torch.log((r2.to(dtype) + 1.0) * scale))
+    ang_a = two_pi_scale * r1.to(dtype)
+    ang_b = two_pi_scale * r3.to(dtype)
     lanes = torch.stack(
         [rad_a * torch.cos(ang_a), rad_a * torch.sin(ang_a), rad_b * torch.cos(ang_b), rad_b * torch.sin(ang_b)],
         dim=-1,
@@ -74,11 +80,12 @@ def kernel_memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def philox_normal_like(x: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
-    """Normals shaped and laid out like ``x`` (memory order of its suggested format), in x's dtype."""
+    """Normals shaped and laid out like ``x`` (in the kernels' memory order), in float32 (float64 for float64 x)."""
     batch = x.shape[0]
     row = x[0].numel() if batch > 0 else 0
     memory_format = kernel_memory_format(x)
-    flat = philox_normal(batch, row, seed, offset, device=x.device)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    flat = philox_normal(batch, row, seed, offset, device=x.device, dtype=dtype)
     out = torch.empty_like(x, memory_format=memory_format)
     if memory_format == torch.channels_last:
         n, c, h, w = x.shape
