@@ -1,0 +1,56 @@
+"""Exponential moving average of a model's weights (the EMA model is the one that samples)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """Keeps ``ema_model``, a frozen copy of ``model`` whose floating-point parameters follow
+    ``ema <- rate * ema + (1 - rate) * param`` at every :meth:`update`; buffers are copied as they are.
+
+    After n updates from ``ema_0`` with parameters ``p_1..p_n``:
+    ``ema_n = rate^n ema_0 + (1 - rate) sum_k rate^(n-k) p_k``.
+
+    Args:
+        model: the model being trained (its current weights initialise the EMA).
+        rate: the decay, in [0, 1] (0.9999 in improved-diffusion; smaller for short runs).
+    """
+
+    def __init__(self, model: nn.Module, rate: float = 0.9999):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"rate: expected a decay in [0, 1], got {rate}")
+        self.rate = float(rate)
+        self.num_updates = 0
+        self.ema_model = copy.deepcopy(model).eval()
+        self.ema_model.requires_grad_(False)
+
+    def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        ema_params = [p for p in self.ema_model.parameters() if p.is_floating_point()]
+        params = [p.detach() for p in model.parameters() if p.is_floating_point()]
+        if len(ema_params) != len(params):
+            raise ValueError(f"model: expected the architecture the EMA was built from ({len(ema_params)} float "
+                             f"parameters), got one with {len(params)}")
+        return ema_params, params
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the EMA weights towards ``model``'s (the same architecture; a DDP wrapper's ``.module``)."""
+        ema_params, params = self._pairs(model)
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.rate)
+        for ema_buffer, buffer in zip(self.ema_model.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA model's state dict (load it into the model class to sample)."""
+        return self.ema_model.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], num_updates: int = 0) -> None:
+        """Restore EMA weights saved by :meth:`state_dict` (strict: keys and shapes must match)."""
+        from ..checkpoint import load_state_strict
+
+        load_state_strict(self.ema_model, state, what="ema")
+        self.num_updates = int(num_updates)
