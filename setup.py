@@ -73,7 +73,7 @@ def _build_ext():
 setup(
     version=VERSION,
     packages=find_packages(include=["diffcore", "diffcore.*"]),
-    package_data={"diffcore": ["assets/*", "pretrained/*"]},
+    package_data={"diffcore": ["assets/*", "pretrained/*/*"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
 )
