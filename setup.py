@@ -45,7 +45,7 @@ def _extensions():
         ("DIFFCORE_TORCH_VERSION", f'"{torch.__version__}"'),
         ("DIFFCORE_CUDA_ARCHS", f'"{archs}"'),
     ]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     include_dirs = [str(ROOT / "csrc")]
     if with_cuda:
         macros.append(("DIFFCORE_WITH_CUDA", None))

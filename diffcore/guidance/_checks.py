@@ -1,0 +1,104 @@
+"""Checks and small helpers shared by the guidance wrappers: guidance scales, class labels, splitting a model
+output into its prediction and variance channels, and per-device copies made once (never inside a loop)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from ..reference import formulas as F
+
+#: a guidance scale: one float for the whole batch, or a float tensor ``[B]`` (one per sample)
+Scale = Union[float, torch.Tensor]
+
+__all__ = ["Scale", "check_scale", "check_labels", "DeviceCache", "split_prediction", "scale_like"]
+
+
+def check_scale(scale: Scale, name: str = "scale") -> Scale:
+    """``scale`` checked: a finite float >= 0, or a 1-D floating tensor of finite values >= 0 (read once here).
+
+    Returns a Python float or a float64 CPU tensor ``[B]``.
+    """
+    if isinstance(scale, torch.Tensor):
+        if scale.dim() != 1 or not scale.is_floating_point():
+            raise ValueError(f"{name}: expected a float >= 0 or a 1-D float tensor [B] of them, got a {scale.dtype} "
+                             f"tensor of shape {tuple(scale.shape)}")
+        values = scale.detach().to("cpu", torch.float64)
+        if values.numel() and not bool((torch.isfinite(values) & (values >= 0)).all()):
+            raise ValueError(f"{name}: expected finite values >= 0, got values in "
+                             f"[{float(values.min())}, {float(values.max())}]")
+        return values
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{name}: expected a float >= 0 or a 1-D float tensor [B], got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale >= 0.0):
+        raise ValueError(f"{name}: expected a finite float >= 0, got {scale!r}")
+    return float(scale)
+
+
+def check_labels(y: torch.Tensor, name: str = "y", *, high: Optional[int] = None,
+                 what: str = "") -> tuple[torch.Tensor, int]:
+    """``y`` checked: an int64 tensor ``[B]`` with values >= 0 (and <= ``high`` when given).
+
+    Reads the values once (one host-device sync on an accelerator, at construction, not in a loop).
+    Returns ``(y, max value)`` (max is -1 for an empty y).
+    """
+    if not isinstance(y, torch.Tensor) or y.dtype != torch.int64:
+        got = y.dtype if isinstance(y, torch.Tensor) else type(y).__name__
+        raise TypeError(f"{name}: expected an int64 tensor [B] of class labels, got {got}")
+    if y.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D tensor [B] of class labels, got shape {tuple(y.shape)}")
+    if y.numel() == 0:
+        return y, -1
+    low, top = int(y.min()), int(y.max())
+    if low < 0 or (high is not None and top > high):
+        allowed = f"[0, {high}]" if high is not None else ">= 0"
+        raise ValueError(f"{name}: expected labels in {allowed}{what}, got values in [{low}, {top}]")
+    return y, top
+
+
+class DeviceCache:
+    """A tensor and its copies on other devices / dtypes, each made once on first use."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._copies = {(tensor.device, tensor.dtype): tensor}
+        self._source = tensor
+
+    def get(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        key = (device, dtype or self._source.dtype)
+        if key not in self._copies:
+            self._copies[key] = self._source.to(device=device, dtype=key[1])
+        return self._copies[key]
+
+
+def split_prediction(out: torch.Tensor, x: torch.Tensor, what: str = "model output"
+                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(prediction ``[B, C, ...]``, variance channels ``[B, C, ...]`` or None) of a model output for ``x``.
+
+    ``out`` is ``[B, C, ...]`` like x (fixed variance) or ``[B, 2C, ...]`` (the prediction, then the variance
+    output of a learned-variance model); anything else raises a ValueError.
+    """
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(out).__name__}")
+    if out.shape == x.shape:
+        return out, None
+    if x.dim() >= 2 and out.dim() == x.dim() and out.shape[0] == x.shape[0] and out.shape[1] == 2 * x.shape[1] \
+            and out.shape[2:] == x.shape[2:]:
+        channels = x.shape[1]
+        return out[:, :channels], out[:, channels:]
+    twice = (tuple(x.shape[:1]) + (2 * x.shape[1],) + tuple(x.shape[2:])) if x.dim() >= 2 else None
+    expected = f"{tuple(x.shape)}" + (f" or {twice} (learned variance)" if twice else "")
+    raise ValueError(f"{what}: expected shape {expected} for x of shape {tuple(x.shape)}, got {tuple(out.shape)}")
+
+
+def scale_like(scale: Scale, cache: Optional[DeviceCache], like: torch.Tensor, name: str = "scale"
+               ) -> "float | torch.Tensor":
+    """The scale ready to broadcast against ``like`` ``[B, ...]``: the float itself, or the per-sample tensor
+    as ``[B, 1, ..., 1]`` in like's dtype and device (its length is checked against B: shapes only, no sync)."""
+    if cache is None:
+        return scale
+    values = cache.get(like.device, like.dtype)
+    if values.shape[0] != like.shape[0]:
+        raise ValueError(f"{name}: expected {like.shape[0]} per-sample scales (one per sample of x), "
+                         f"got {values.shape[0]}")
+    return F.per_sample(values, like)
