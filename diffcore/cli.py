@@ -7,6 +7,8 @@
     diffcore invert --checkpoint runs/fmnist images/ --out latents.npz --reconstruction recon.png
     diffcore interpolate --checkpoint runs/fmnist --seeds 0 1 --num 10 --out interp.png
     diffcore export runs/fmnist exported_model/
+    diffcore restore --task sr4 --input shirt.png --out restored/ --steps 250   (DPS; the packaged model)
+    diffcore eval --checkpoint runs/fmnist --n 1000 --bpd-batches 2 --out metrics.json
     diffcore info
 
 Every subcommand has ``--help``. Errors in the input (missing files, bad values, incompatible checkpoints)
@@ -25,6 +27,9 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError
+from ._cli_common import UsageError, _device, _load
+from ._cli_eval import _add_eval_parser, cmd_eval
+from ._cli_restore import _add_restore_parser, cmd_restore
 
 # (TrainConfig field, argparse type, help). Flags left out keep the value of --config (or the default).
 _TRAIN_FIELDS: list[tuple[str, Any, str]] = [
@@ -77,10 +82,6 @@ _CHOICES = {"schedule": ["linear", "cosine", "scaled_linear", "sigmoid"], "predi
             "timestep_sampler": ["uniform", "loss-second-moment"], "in_channels": [1, 3]}
 
 
-class UsageError(ValueError):
-    """A bad command-line value."""
-
-
 def _ints(text: str, name: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
@@ -91,9 +92,9 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``diffcore`` command (subcommands train, sample, invert, interpolate, export,
-    info)."""
+    restore, eval, info)."""
     parser = argparse.ArgumentParser(prog="diffcore", description="Denoising diffusion models (DDPM, I-DDPM, DDIM) "
-                                     "on fused kernels: train, sample, invert, interpolate.")
+                                     "on fused kernels: train, sample, invert, interpolate, restore (DPS), evaluate.")
     parser.add_argument("--traceback", action="store_true", help="show Python tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -118,12 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     train.add_argument("--print-config", action="store_true", help="print the resulting configuration and exit")
 
-    def model_source(p: argparse.ArgumentParser) -> None:
+    def model_source(p: argparse.ArgumentParser, steps_help: str = "DDIM steps (default 50, at most T)") -> None:
         p.add_argument("--checkpoint", type=Path, help="a checkpoint directory, a folder of checkpoints or a run's "
                        "--out-dir (default: the packaged model)")
         p.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of the EMA ones")
         p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-        p.add_argument("--steps", type=int, help="DDIM steps (default 50, at most T)")
+        p.add_argument("--steps", type=int, help=steps_help)
         p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
     sample = sub.add_parser("sample", help="generate images (PNG grid and/or .npz)",
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", type=Path, help="checkpoint directory, folder of checkpoints or run folder")
     export.add_argument("out", type=Path, help="directory to create")
     export.add_argument("--raw-weights", action="store_true", help="export the trained weights instead of the EMA")
+
+    _add_restore_parser(sub, model_source)
+    _add_eval_parser(sub, model_source)
 
     sub.add_parser("info", help="build, kernels and devices (JSON)",
                    description="Print what was built (C++/CUDA kernels), which devices are visible and versions.")
@@ -232,31 +236,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"diffcore train: reached step {trainer.step} in {time.perf_counter() - started:.1f} s; checkpoints in "
               f"{trainer.checkpoint_dir}")
     return 0
-
-
-def _device(name: Optional[str]) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _load(args: argparse.Namespace):
-    """(model, diffusion, image_shape, num_classes) from --checkpoint or the packaged model."""
-    device = _device(args.device)
-    if args.checkpoint is not None:
-        from .train import load_trained_model
-
-        if not args.checkpoint.exists():
-            raise FileNotFoundError(f"--checkpoint: no such file or folder {args.checkpoint}")
-        trained = load_trained_model(args.checkpoint, use_ema=not args.raw_weights, device=device)
-        return trained.model, trained.diffusion, trained.image_shape, trained.config.model.num_classes
-    from .sampling import _load_default_model
-
-    model, diffusion, shape = _load_default_model()
-    if isinstance(model, torch.nn.Module):
-        model = model.to(device)
-    config = getattr(model, "config", None)
-    return model, diffusion.to(device), shape, getattr(config, "num_classes", None)
 
 
 def _steps(args: argparse.Namespace, diffusion) -> tuple[int, str]:
@@ -448,7 +427,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "invert": cmd_invert, "interpolate": cmd_interpolate,
-            "export": cmd_export, "info": cmd_info}
+            "export": cmd_export, "restore": cmd_restore, "eval": cmd_eval, "info": cmd_info}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -44,7 +44,8 @@ def run(capsys, *argv):
 
 def test_help_explains_every_subcommand(capsys):
     for command, needle in (("train", "--timestep-sampler"), ("sample", "--ancestral"), ("invert", "--reconstruction"),
-                            ("interpolate", "--seeds"), ("export", "EMA"), ("info", "devices")):
+                            ("interpolate", "--seeds"), ("export", "EMA"), ("restore", "--zeta"),
+                            ("eval", "--bpd-batches"), ("info", "devices")):
         with pytest.raises(SystemExit) as exit_info:
             cli.main([command, "--help"])
         assert exit_info.value.code == 0
