@@ -7,15 +7,32 @@ from . import ops, reference  # noqa: E402
 from ._extension import build_info  # noqa: E402
 from .types import PredictionType, VarianceType  # noqa: E402
 
-__all__ = ["ops", "reference", "build_info", "PredictionType", "VarianceType", "__version__", "sample",
-           "save_image_grid"]
+# imported on first use: name -> (module, attribute or None for the module itself)
+_LAZY_EXPORTS = {
+    "sample": (".sampling", "sample"),
+    "save_image_grid": (".sampling", "save_image_grid"),
+    "GaussianDiffusion": (".diffusion", "GaussianDiffusion"),
+    "make_schedule": (".schedules", "make_schedule"),
+    "UNet": (".unet", "UNet"),
+    "UNetConfig": (".unet", "UNetConfig"),
+    "samplers": (".samplers", None),
+    "guidance": (".guidance", None),
+    "inverse": (".inverse", None),
+    "metrics": (".metrics", None),
+    "data": (".data", None),
+    "train": (".train", None),
+    "checkpoint": (".checkpoint", None),
+    "pretrained": (".pretrained", None),
+}
 
-_LAZY_EXPORTS = {"sample": ".sampling", "save_image_grid": ".sampling"}  # imported on first use
+__all__ = ["ops", "reference", "build_info", "PredictionType", "VarianceType", "__version__", *_LAZY_EXPORTS]
 
 
 def __getattr__(name: str):
     if name in _LAZY_EXPORTS:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY_EXPORTS[name], __name__), name)
+        module_name, attribute = _LAZY_EXPORTS[name]
+        module = importlib.import_module(module_name, __name__)
+        return module if attribute is None else getattr(module, attribute)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,6 @@ reference (``diffcore.reference``).
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional
 
 import torch
@@ -16,21 +15,25 @@ BUILD_HINT = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+_state: dict = {}  # "module" and "error" once load() has run (a plain dict: torch.compile traces it cleanly)
+
+
 def load() -> Optional[Any]:
     """The ``diffcore._C`` module (its import registers ``torch.ops.diffcore``), or None if it is not built."""
-    try:
-        from . import _C  # noqa: F401
-    except ImportError as error:  # not built, or built against another torch
-        load.error = str(error)  # type: ignore[attr-defined]
-        return None
-    return _C
+    if "module" not in _state:
+        try:
+            from . import _C
+
+            _state["module"], _state["error"] = _C, None
+        except ImportError as error:  # not built, or built against another torch
+            _state["module"], _state["error"] = None, str(error)
+    return _state["module"]
 
 
 def load_error() -> Optional[str]:
     """Why the extension could not be imported, or None."""
     load()
-    return getattr(load, "error", None)
+    return _state["error"]
 
 
 def build_info() -> dict:
