@@ -37,6 +37,7 @@ struct QSampleArgs {
   Rows x0, noise;
   const int64_t* t;
   const double* alphas_cumprod;
+  int64_t num_timesteps;  // T, the table's length: kernels clamp timesteps into range before indexing
   OutRows out;
 };
 
@@ -47,6 +48,7 @@ struct DdimStepArgs {
   const int64_t* t;
   const int64_t* t_prev;
   const double* alphas_cumprod;
+  int64_t num_timesteps;  // T, the table's length: kernels clamp timesteps into range before indexing
   double eta;
   int prediction_type;
   bool clip_denoised;
@@ -60,6 +62,7 @@ struct DdpmStepArgs {
   Rows x, prediction, variance;  // variance.data == nullptr for the fixed variance types
   const int64_t* t;
   const double* alphas_cumprod;
+  int64_t num_timesteps;  // T, the table's length: kernels clamp timesteps into range before indexing
   int prediction_type, variance_type;
   bool clip_denoised;
   Noise noise;
@@ -72,6 +75,7 @@ struct HybridLossArgs {
   Rows prediction, variance, x0, x_t, noise;
   const int64_t* t;
   const double* alphas_cumprod;
+  int64_t num_timesteps;  // T, the table's length: kernels clamp timesteps into range before indexing
   int prediction_type, variance_type;
   // forward: per-sample means (compute dtype: float, or double for float64 inputs)
   void* mse;

@@ -181,7 +181,7 @@ at::Tensor q_sample_impl(const Backend& backend, const at::Tensor& x0, const at:
   at::Tensor out = at::empty(x0.sizes(), x0.options().memory_format(format));
   if (out.numel() == 0) return out;
   QSampleArgs args{dtype_of(x0), x0.size(0), inner_numel(x0), rows_of(x0_rows), rows_of(noise_rows),
-                   t_c.data_ptr<int64_t>(), table.data_ptr<double>(), out_rows_of(out)};
+                   t_c.data_ptr<int64_t>(), table.data_ptr<double>(), table.numel(), out_rows_of(out)};
   backend.q_sample(args);
   return out;
 }
@@ -208,8 +208,8 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_impl(const Backend& backend, const 
   at::Tensor pred_x0 = at::empty(x.sizes(), x.options().memory_format(format));
   if (x.numel() == 0) return {x_prev, pred_x0};
   DdimStepArgs args{dtype_of(x), x.size(0), inner_numel(x), rows_of(x_rows), rows_of(pred_rows),
-                    t_c.data_ptr<int64_t>(), t_prev_c.data_ptr<int64_t>(), table.data_ptr<double>(), eta,
-                    (int)prediction_type, clip_denoised, n, out_rows_of(x_prev), out_rows_of(pred_x0)};
+                    t_c.data_ptr<int64_t>(), t_prev_c.data_ptr<int64_t>(), table.data_ptr<double>(), table.numel(),
+                    eta, (int)prediction_type, clip_denoised, n, out_rows_of(x_prev), out_rows_of(pred_x0)};
   backend.ddim_step(args);
   return {x_prev, pred_x0};
 }
@@ -238,8 +238,8 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_impl(const Backend& backend, const 
   if (x.numel() == 0) return {x_prev, pred_x0};
   DdpmStepArgs args{dtype_of(x), x.size(0), inner_numel(x), rows_of(x_rows), rows_of(parts.first),
                     learned ? rows_of(parts.second) : Rows{nullptr, 0}, t_c.data_ptr<int64_t>(),
-                    table.data_ptr<double>(), (int)prediction_type, (int)variance_type, clip_denoised, n,
-                    out_rows_of(x_prev), out_rows_of(pred_x0)};
+                    table.data_ptr<double>(), table.numel(), (int)prediction_type, (int)variance_type,
+                    clip_denoised, n, out_rows_of(x_prev), out_rows_of(pred_x0)};
   backend.ddpm_step(args);
   return {x_prev, pred_x0};
 }
@@ -288,6 +288,7 @@ HybridInputs prepare_hybrid(const Backend& backend, const at::Tensor& model_outp
   a.noise = rows_of(in.noise);
   a.t = in.t.data_ptr<int64_t>();
   a.alphas_cumprod = in.table.data_ptr<double>();
+  a.num_timesteps = in.table.numel();
   a.prediction_type = (int)prediction_type;
   a.variance_type = (int)variance_type;
   return in;
@@ -378,52 +379,13 @@ const diffcore::Backend kCpuBackend{"cpu",
                                     diffcore::cpu::hybrid_loss_forward,
                                     diffcore::cpu::hybrid_loss_backward};
 
-at::Tensor q_sample_cpu(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t,
-                        const at::Tensor& alphas_cumprod) {
-  return diffcore::q_sample_impl(kCpuBackend, x0, noise, t, alphas_cumprod);
-}
-
-std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(const at::Tensor& x, const at::Tensor& model_output,
-                                                 const at::Tensor& t, const at::Tensor& t_prev,
-                                                 const at::Tensor& alphas_cumprod, double eta,
-                                                 int64_t prediction_type, bool clip_denoised,
-                                                 const c10::optional<at::Tensor>& noise, int64_t seed,
-                                                 int64_t offset) {
-  return diffcore::ddim_step_impl(kCpuBackend, x, model_output, t, t_prev, alphas_cumprod, eta, prediction_type,
-                                  clip_denoised, noise, seed, offset);
-}
-
-std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(const at::Tensor& x, const at::Tensor& model_output,
-                                                 const at::Tensor& t, const at::Tensor& alphas_cumprod,
-                                                 int64_t prediction_type, int64_t variance_type, bool clip_denoised,
-                                                 const c10::optional<at::Tensor>& noise, int64_t seed,
-                                                 int64_t offset) {
-  return diffcore::ddpm_step_impl(kCpuBackend, x, model_output, t, alphas_cumprod, prediction_type, variance_type,
-                                  clip_denoised, noise, seed, offset);
-}
-
-std::tuple<at::Tensor, at::Tensor> hybrid_loss_cpu(const at::Tensor& model_output, const at::Tensor& x0,
-                                                   const at::Tensor& x_t, const at::Tensor& noise,
-                                                   const at::Tensor& t, const at::Tensor& alphas_cumprod,
-                                                   int64_t prediction_type, int64_t variance_type) {
-  return diffcore::hybrid_loss_impl(kCpuBackend, model_output, x0, x_t, noise, t, alphas_cumprod, prediction_type,
-                                    variance_type);
-}
-
-at::Tensor hybrid_loss_backward_cpu(const at::Tensor& grad_mse, const at::Tensor& grad_vb,
-                                    const at::Tensor& model_output, const at::Tensor& x0, const at::Tensor& x_t,
-                                    const at::Tensor& noise, const at::Tensor& t, const at::Tensor& alphas_cumprod,
-                                    int64_t prediction_type, int64_t variance_type) {
-  return diffcore::hybrid_loss_backward_impl(kCpuBackend, grad_mse, grad_vb, model_output, x0, x_t, noise, t,
-                                             alphas_cumprod, prediction_type, variance_type);
-}
+struct CpuTraits {
+  static const diffcore::Backend& backend() { return kCpuBackend; }
+  struct Guard {  // no device to select on CPU
+    explicit Guard(const at::Tensor&) {}
+  };
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(diffcore, CPU, m) {
-  m.impl("q_sample", &q_sample_cpu);
-  m.impl("ddim_step", &ddim_step_cpu);
-  m.impl("ddpm_step", &ddpm_step_cpu);
-  m.impl("hybrid_loss", &hybrid_loss_cpu);
-  m.impl("hybrid_loss_backward", &hybrid_loss_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(diffcore, CPU, m) { diffcore::register_backend_ops<CpuTraits>(m); }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <tuple>
 
@@ -48,5 +49,67 @@ at::Tensor hybrid_loss_backward_impl(const Backend& backend, const at::Tensor& g
                                      const at::Tensor& model_output, const at::Tensor& x0, const at::Tensor& x_t,
                                      const at::Tensor& noise, const at::Tensor& t, const at::Tensor& alphas_cumprod,
                                      int64_t prediction_type, int64_t variance_type);
+
+// The op entry points of one backend, in the schemas' argument order. Traits provides
+// `static const Backend& backend()` and a `Guard` type constructed from the op's first image tensor (an RAII
+// device guard on CUDA, a no-op on CPU). register_backend_ops<Traits>(m) registers all five ops, so that the CPU
+// registration (ops.cpp) and the CUDA one (cuda/ops_cuda.cpp) share one list.
+template <typename Traits>
+struct BackendOps {
+  static at::Tensor q_sample(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t,
+                             const at::Tensor& alphas_cumprod) {
+    const typename Traits::Guard guard(x0);
+    return q_sample_impl(Traits::backend(), x0, noise, t, alphas_cumprod);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> ddim_step(const at::Tensor& x, const at::Tensor& model_output,
+                                                      const at::Tensor& t, const at::Tensor& t_prev,
+                                                      const at::Tensor& alphas_cumprod, double eta,
+                                                      int64_t prediction_type, bool clip_denoised,
+                                                      const c10::optional<at::Tensor>& noise, int64_t seed,
+                                                      int64_t offset) {
+    const typename Traits::Guard guard(x);
+    return ddim_step_impl(Traits::backend(), x, model_output, t, t_prev, alphas_cumprod, eta, prediction_type,
+                          clip_denoised, noise, seed, offset);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> ddpm_step(const at::Tensor& x, const at::Tensor& model_output,
+                                                      const at::Tensor& t, const at::Tensor& alphas_cumprod,
+                                                      int64_t prediction_type, int64_t variance_type,
+                                                      bool clip_denoised, const c10::optional<at::Tensor>& noise,
+                                                      int64_t seed, int64_t offset) {
+    const typename Traits::Guard guard(x);
+    return ddpm_step_impl(Traits::backend(), x, model_output, t, alphas_cumprod, prediction_type, variance_type,
+                          clip_denoised, noise, seed, offset);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> hybrid_loss(const at::Tensor& model_output, const at::Tensor& x0,
+                                                        const at::Tensor& x_t, const at::Tensor& noise,
+                                                        const at::Tensor& t, const at::Tensor& alphas_cumprod,
+                                                        int64_t prediction_type, int64_t variance_type) {
+    const typename Traits::Guard guard(x0);
+    return hybrid_loss_impl(Traits::backend(), model_output, x0, x_t, noise, t, alphas_cumprod, prediction_type,
+                            variance_type);
+  }
+
+  static at::Tensor hybrid_loss_backward(const at::Tensor& grad_mse, const at::Tensor& grad_vb,
+                                         const at::Tensor& model_output, const at::Tensor& x0,
+                                         const at::Tensor& x_t, const at::Tensor& noise, const at::Tensor& t,
+                                         const at::Tensor& alphas_cumprod, int64_t prediction_type,
+                                         int64_t variance_type) {
+    const typename Traits::Guard guard(x0);
+    return hybrid_loss_backward_impl(Traits::backend(), grad_mse, grad_vb, model_output, x0, x_t, noise, t,
+                                     alphas_cumprod, prediction_type, variance_type);
+  }
+};
+
+template <typename Traits>
+void register_backend_ops(torch::Library& m) {
+  m.impl("q_sample", &BackendOps<Traits>::q_sample);
+  m.impl("ddim_step", &BackendOps<Traits>::ddim_step);
+  m.impl("ddpm_step", &BackendOps<Traits>::ddpm_step);
+  m.impl("hybrid_loss", &BackendOps<Traits>::hybrid_loss);
+  m.impl("hybrid_loss_backward", &BackendOps<Traits>::hybrid_loss_backward);
+}
 
 }  // namespace diffcore
