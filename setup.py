@@ -46,6 +46,11 @@ def _extensions():
         ("DIFFCORE_CUDA_ARCHS", f'"{archs}"'),
     ]
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    # The CPU kernels are built for this machine's instruction set (AVX2/AVX-512 where present): set
+    # DIFFCORE_CPU_ARCH=x86-64 (or another -march value) to build a portable extension for other machines.
+    cpu_arch = os.environ.get("DIFFCORE_CPU_ARCH", "native")
+    if cpu_arch:
+        cxx_flags.append(f"-march={cpu_arch}")
     include_dirs = [str(ROOT / "csrc")]
     if with_cuda:
         macros.append(("DIFFCORE_WITH_CUDA", None))
