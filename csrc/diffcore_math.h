@@ -54,7 +54,45 @@ DC_HD float dc_exp(float x) {
   return x != x ? x : result;
 }
 DC_HD double dc_exp(double x) { return exp(x); }
-DC_HD float dc_log(float x) { return logf(x); }
+DC_HD int32_t dc_float_as_int(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(f);
+#else
+  int32_t i;
+  memcpy(&i, &f, sizeof(i));
+  return i;
+#endif
+}
+
+// log in float: exponent from the bits, Cephes' polynomial on the mantissa in [sqrt(1/2), sqrt(2)) (about 1 ulp);
+// plain arithmetic so that loops vectorize. log(0) = -inf, log(x < 0) = NaN, log(inf) = inf, NaN propagates.
+DC_HD float dc_log(float x) {
+  const bool denormal = x < 1.17549435e-38f;
+  const float xs = denormal ? x * 8388608.0f : x;  // 2^23
+  const int32_t bits = dc_float_as_int(xs);
+  int32_t e = ((bits >> 23) & 0xff) - 127 - (denormal ? 23 : 0);
+  float m = dc_int_as_float((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  const bool high = m > 1.41421356f;
+  m = high ? m * 0.5f : m;
+  e = high ? e + 1 : e;
+  const float f = m - 1.0f, z = f * f, fe = (float)e;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y = y + -2.12194440e-4f * fe;
+  y = y - 0.5f * z;
+  float result = (f + y) + 0.693359375f * fe;
+  result = x == 0.0f ? -INFINITY : result;
+  result = x > 3.40282347e+38f ? x : result;  // inf
+  return (x < 0.0f || x != x) ? NAN : result;
+}
 DC_HD double dc_log(double x) { return log(x); }
 DC_HD float dc_sqrt(float x) { return sqrtf(x); }
 DC_HD double dc_sqrt(double x) { return sqrt(x); }
@@ -367,7 +405,22 @@ struct Normal4 {
   real_t v[4];
 };
 
-DC_HD void dc_sincos(float x, float* s, float* c) { *s = sinf(x); *c = cosf(x); }
+// sin and cos in float for x in [0, 2 pi] (the Box-Muller angle): Cody-Waite reduction by pi/2 and Cephes'
+// polynomials on [-pi/4, pi/4] (about 1-2 ulp); plain arithmetic so that loops vectorize.
+DC_HD void dc_sincos(float x, float* s, float* c) {
+  const float magic = 12582912.0f;
+  const float n = (x * 0.636619772367581f + magic) - magic;  // nearest multiple of pi/2
+  const float r = ((x - n * 1.5703125f) - n * 4.837512969970703125e-4f) - n * 7.54978995489188216e-8f;
+  const float r2 = r * r;
+  const float sin_r = r + r * r2 * (-1.6666654611e-1f + r2 * (8.3321608736e-3f + r2 * -1.9515295891e-4f));
+  const float cos_r = 1.0f - 0.5f * r2 + r2 * r2 * (4.166664568298827e-2f + r2 * (-1.388731625493765e-3f +
+                                                                                   r2 * 2.443315711809948e-5f));
+  const int32_t q = (int32_t)n & 3;
+  const float sv = (q & 1) ? cos_r : sin_r;
+  const float cv = (q & 1) ? sin_r : cos_r;
+  *s = (q & 2) ? -sv : sv;
+  *c = ((q + 1) & 2) ? -cv : cv;
+}
 DC_HD void dc_sincos(double x, double* s, double* c) { *s = sin(x); *c = cos(x); }
 
 // Four standard normals for group g (= j / 4) of sample b: counter (g, b, offset lo, offset hi), key = seed.
