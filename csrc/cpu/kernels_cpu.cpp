@@ -199,26 +199,32 @@ void ddpm_step(const DdpmStepArgs& a) {
 
 namespace {
 
-// Runs the hybrid-loss terms over every sample in parallel (one sample per task: the reductions are per sample
-// and deterministic); body(b, c, j, terms) sees each element.
+// Runs body(b, terms_at) for every sample in parallel (one sample per task: the reductions are per sample and
+// deterministic); terms_at(j) gives the hybrid-loss terms of element j. The t = 0 (decoder) / t > 0 (KL) choice is
+// turned into a constant per sample so that the element loops have no branch and vectorize.
 template <typename scalar_t, typename acc_t, typename F>
-void for_each_hybrid_term(const HybridLossArgs& a, bool want_grad, F&& body) {
+void for_each_hybrid_sample(const HybridLossArgs& a, bool want_grad, F&& body) {
   dispatch_prediction(a.prediction_type, [&](auto P) {
     dispatch_variance(a.variance_type, [&](auto VT) {
       at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
-          const PosteriorCoeffs<acc_t> c = make_posterior_coeffs<acc_t>(a.alphas_cumprod, a.t[b], VT());
+          const PosteriorCoeffs<acc_t> coeffs = make_posterior_coeffs<acc_t>(a.alphas_cumprod, a.t[b], VT());
           const scalar_t* __restrict__ pred = row<scalar_t>(a.prediction, b);
           const scalar_t* __restrict__ var = row<scalar_t>(a.variance, b);
           const scalar_t* __restrict__ x0 = row<scalar_t>(a.x0, b);
           const scalar_t* __restrict__ xt = row<scalar_t>(a.x_t, b);
           const scalar_t* __restrict__ noise = row<scalar_t>(a.noise, b);
-          for (int64_t j = 0; j < a.inner; ++j) {
-            const HybridTerms<acc_t> terms = hybrid_terms<acc_t>(
-                P(), VT(), c, static_cast<acc_t>(pred[j]), static_cast<acc_t>(var[j]), static_cast<acc_t>(x0[j]),
-                static_cast<acc_t>(xt[j]), static_cast<acc_t>(noise[j]), want_grad);
-            body(b, j, terms);
-          }
+          dispatch_bool(coeffs.nonzero_t, [&](auto NONZERO) {
+            dispatch_bool(want_grad, [&](auto GRAD) {
+              PosteriorCoeffs<acc_t> c = coeffs;
+              c.nonzero_t = NONZERO();
+              body(b, [&](int64_t j) __attribute__((always_inline)) {
+                return hybrid_terms<acc_t>(P(), VT(), c, static_cast<acc_t>(pred[j]), static_cast<acc_t>(var[j]),
+                                           static_cast<acc_t>(x0[j]), static_cast<acc_t>(xt[j]),
+                                           static_cast<acc_t>(noise[j]), GRAD());
+              });
+            });
+          });
         }
       });
     });
@@ -233,16 +239,35 @@ void hybrid_loss_forward(const HybridLossArgs& a) {
     using acc_t = typename decltype(acc_tag)::type;
     acc_t* mse = static_cast<acc_t*>(a.mse);
     acc_t* vb = static_cast<acc_t*>(a.vb);
-    // Per-sample sums in double; every task owns whole samples.
-    std::vector<double> sum_sq(a.batch, 0.0), sum_vb(a.batch, 0.0);
-    for_each_hybrid_term<scalar_t, acc_t>(a, false, [&](int64_t b, int64_t, const HybridTerms<acc_t>& terms) {
-      sum_sq[b] += (double)terms.sq_err;
-      sum_vb[b] += (double)terms.vb_bits;
+    // Sums in kLanes independent acc_t lanes over blocks of kBlock elements (vectorizable, deterministic), the
+    // block totals in double.
+    constexpr int64_t kLanes = 16, kBlock = 1024;
+    for_each_hybrid_sample<scalar_t, acc_t>(a, false, [&](int64_t b, auto&& terms_at) {
+      double total_sq = 0.0, total_vb = 0.0;
+      for (int64_t k0 = 0; k0 < a.inner; k0 += kBlock) {
+        const int64_t k1 = std::min(k0 + kBlock, a.inner);
+        acc_t lane_sq[kLanes] = {}, lane_vb[kLanes] = {};
+        int64_t j = k0;
+        for (; j + kLanes <= k1; j += kLanes) {
+          for (int64_t l = 0; l < kLanes; ++l) {
+            const HybridTerms<acc_t> terms = terms_at(j + l);
+            lane_sq[l] += terms.sq_err;
+            lane_vb[l] += terms.vb_bits;
+          }
+        }
+        for (; j < k1; ++j) {
+          const HybridTerms<acc_t> terms = terms_at(j);
+          lane_sq[0] += terms.sq_err;
+          lane_vb[0] += terms.vb_bits;
+        }
+        for (int64_t l = 0; l < kLanes; ++l) {
+          total_sq += (double)lane_sq[l];
+          total_vb += (double)lane_vb[l];
+        }
+      }
+      mse[b] = (acc_t)(a.inner > 0 ? total_sq / (double)a.inner : NAN);
+      vb[b] = (acc_t)(a.inner > 0 ? total_vb / (double)a.inner : NAN);
     });
-    for (int64_t b = 0; b < a.batch; ++b) {
-      mse[b] = (acc_t)(a.inner > 0 ? sum_sq[b] / (double)a.inner : NAN);
-      vb[b] = (acc_t)(a.inner > 0 ? sum_vb[b] / (double)a.inner : NAN);
-    }
   });
 }
 
@@ -250,12 +275,18 @@ void hybrid_loss_backward(const HybridLossArgs& a) {
   dispatch_dtype(a.dtype, [&](auto scalar_tag, auto acc_tag) {
     using scalar_t = typename decltype(scalar_tag)::type;
     using acc_t = typename decltype(acc_tag)::type;
-    const acc_t* grad_mse = static_cast<const acc_t*>(a.grad_mse);
-    const acc_t* grad_vb = static_cast<const acc_t*>(a.grad_vb);
     const acc_t inv_n = a.inner > 0 ? (acc_t)(1.0 / (double)a.inner) : (acc_t)0;
-    for_each_hybrid_term<scalar_t, acc_t>(a, true, [&](int64_t b, int64_t j, const HybridTerms<acc_t>& terms) {
-      row<scalar_t>(a.grad_prediction, b)[j] = static_cast<scalar_t>(grad_mse[b] * inv_n * terms.d_sq_err_d_pred);
-      row<scalar_t>(a.grad_variance, b)[j] = static_cast<scalar_t>(grad_vb[b] * inv_n * terms.d_vb_d_v);
+    for_each_hybrid_sample<scalar_t, acc_t>(a, true, [&](int64_t b, auto&& terms_at) {
+      const acc_t scale_mse = static_cast<const acc_t*>(a.grad_mse)[b] * inv_n;
+      const acc_t scale_vb = static_cast<const acc_t*>(a.grad_vb)[b] * inv_n;
+      scalar_t* __restrict__ grad_pred = row<scalar_t>(a.grad_prediction, b);
+      scalar_t* __restrict__ grad_var = row<scalar_t>(a.grad_variance, b);
+#pragma GCC ivdep
+      for (int64_t j = 0; j < a.inner; ++j) {  // the outputs are rows of a fresh tensor: no aliasing
+        const HybridTerms<acc_t> terms = terms_at(j);
+        grad_pred[j] = static_cast<scalar_t>(scale_mse * terms.d_sq_err_d_pred);
+        grad_var[j] = static_cast<scalar_t>(scale_vb * terms.d_vb_d_v);
+      }
     });
   });
 }
