@@ -18,12 +18,7 @@ TINY = ["--data", "synthetic", "--image-size", "8", "--model-channels", "8", "--
         "--log-every", "3", "--checkpoint-every", "3", "--no-progress", "--ema-rate", "0.5", "--lr", "1e-2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ TASKS = ["inpaint-box", "inpaint-random", "outpaint", "sr4", "deblur-gauss", "de
 SIZE = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_checkpoint(path, image_size, num_timesteps=20, seed=0):

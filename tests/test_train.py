@@ -18,13 +18,7 @@ from diffcore.train import EMA, LossSecondMomentSampler, TrainConfig, Trainer, U
 from diffcore.unet import UNetConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the machine is shared); restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(**overrides) -> UNetConfig:
