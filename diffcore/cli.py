@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                            choices=_CHOICES.get(name))
     train.add_argument("--steps", dest="total_steps", type=int, help="alias of --total-steps")
     train.add_argument("--hflip", action="store_true", default=None, help="random horizontal flips")
+    train.add_argument("--ema-warmup", action="store_true", default=None,
+                       help="ramp the EMA decay up as min(ema_rate, (1 + n) / (10 + n)) (for short runs)")
     train.add_argument("--no-bf16", dest="bf16", action="store_false", default=None,
                        help="no bf16 autocast on CUDA (it is never used on the CPU)")
     train.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
@@ -183,7 +185,7 @@ def _train_config(args: argparse.Namespace):
         raise FileNotFoundError(f"--config: no such file {args.config}")
     base = TrainConfig.from_json(args.config.read_text()) if args.config else TrainConfig()
     changes = {name: getattr(args, name) for name, _, _ in _TRAIN_FIELDS if getattr(args, name) is not None}
-    for flag in ("hflip", "bf16", "progress"):
+    for flag in ("hflip", "ema_warmup", "bf16", "progress"):
         if getattr(args, flag) is not None:
             changes[flag] = getattr(args, flag)
     if changes.get("grad_clip") == 0:

@@ -62,6 +62,9 @@ def test_train_writes_a_resumable_run(run_dir, capsys):
     assert code == 2 and "already holds checkpoints" in err
     code, out, _ = run(capsys, "train", *TINY, "--print-config", "--timestep-sampler", "loss-second-moment")
     assert json.loads(out)["timestep_sampler"] == "loss-second-moment"
+    assert json.loads(out)["ema_warmup"] is False
+    code, out, _ = run(capsys, "train", *TINY, "--print-config", "--ema-warmup")
+    assert json.loads(out)["ema_warmup"] is True
 
 
 def test_sample_matches_the_library(run_dir, tmp_path, capsys):

@@ -99,6 +99,32 @@ def test_ema_closed_form():
     assert ema.num_updates == 7 and not ema.ema_model.weight.requires_grad
 
 
+def test_ema_warmup_follows_the_ramped_decay_and_forgets_the_initial_weights():
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(100.0)  # the initial weights, which a short run's EMA should forget
+    ema = EMA(model, rate=0.999, warmup=True)
+    expected = 100.0
+    for n in range(200):
+        decay = min(0.999, (1 + n) / (10 + n))
+        assert ema.decay() == pytest.approx(decay)
+        with torch.no_grad():
+            model.weight.fill_(1.0)
+        ema.update(model)
+        expected = decay * expected + (1 - decay) * 1.0
+    assert float(ema.ema_model.weight) == pytest.approx(expected, rel=1e-5)
+    # the share of the initialization is prod (1 + n) / (10 + n) = 9! * 200! / 209! < 1e-12, against
+    # 0.999^200 = 0.82 without the warm-up
+    assert float(ema.ema_model.weight) == pytest.approx(1.0, abs=1e-6)
+    plain = EMA(nn.Linear(1, 1, bias=False).requires_grad_(False), rate=0.999)
+    assert plain.decay() == 0.999
+
+
+def test_train_config_rejects_a_non_bool_ema_warmup():
+    with pytest.raises(ValueError, match="ema_warmup: expected True or False"):
+        TrainConfig(ema_warmup="yes")
+
+
 # ------------------------------------------------------------------------------------------------ config
 def test_config_round_trip_and_errors(tmp_path):
     config = tiny_config(tmp_path, adam_betas=(0.8, 0.99), grad_clip=None)

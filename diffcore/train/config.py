@@ -43,6 +43,8 @@ class TrainConfig:
         warmup_steps: the learning rate rises linearly from lr / warmup_steps to lr over these steps.
         grad_clip: clip the global gradient norm to this (None: no clipping; the norm is logged anyway).
         ema_rate: decay of the EMA of the weights.
+        ema_warmup: ramp the EMA decay up as min(ema_rate, (1 + n) / (10 + n)) over the first updates n
+            (:class:`~diffcore.train.EMA`); helps short runs, whose EMA otherwise keeps the initial weights.
         total_steps: optimizer steps of the whole run.
         bf16: bf16 autocast of the model's forward pass on CUDA (ignored on the CPU).
         seed: seeds the initial weights, the data order, the timesteps and the noise.
@@ -74,6 +76,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: Optional[float] = 1.0
     ema_rate: float = 0.9999
+    ema_warmup: bool = False
     total_steps: int = 10000
     bf16: bool = True
     seed: int = 0
@@ -106,6 +109,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: expected None or a positive int, got {value!r}")
+        for name in ("hflip", "ema_warmup", "bf16", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected a positive learning rate, got {self.lr}")
         if self.weight_decay < 0:

@@ -79,7 +79,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # the initial weights; then the global RNGs drive only dropout
         self.model = (model if model is not None else UNet(config.model)).to(self.device)
         torch.manual_seed(config.seed + 7919 * (self.rank + 1))
-        self.ema = EMA(self.model, config.ema_rate)
+        self.ema = EMA(self.model, config.ema_rate, warmup=config.ema_warmup)
         self.diffusion = build_diffusion(config, self.device)
         if dataset is None:
             dataset = open_dataset(config.data, image_size=config.image_size, channels=config.model.in_channels,

@@ -1,0 +1,352 @@
+"""Writes docs/reproduction.md from the stored stage results: tables, figures and the checked claims. Every number
+comes from ``results/*.json`` (written by the stages); a stage that has not run is reported as missing."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..checkpoint import atomic_write_text
+from .claims import EXPLANATIONS, Claim, decreasing, fmt, increasing
+from .context import Context
+from .plots import line_plot
+from .stages import Stage
+
+FEATURES_NOTE = (
+    "FID, KID, precision and recall are computed in the feature space of diffcore's own Fashion-MNIST classifier "
+    "(`diffcore/assets/fmnist_classifier.safetensors`, test accuracy 0.93), not Inception: they compare runs "
+    "within this report only, never with the papers' numbers. Every configuration is scored with the same number "
+    "of samples against the same reference set of real test images; the *floor* is a disjoint set of as many "
+    "real test images scored the same way (what a perfect generator would get at that count).")
+
+
+class Report:
+    """Collects markdown sections, figures and claims; ``rel`` is the figures folder relative to the markdown."""
+
+    def __init__(self, ctx: Context, stages: Sequence[Stage], path: Path):
+        self.ctx, self.path = ctx, path
+        self.stages = {stage.name: stage for stage in stages}
+        self.lines: list[str] = []
+        self.claims: list[Claim] = []
+        self.records: dict[str, dict[str, Any]] = {}
+        try:
+            self.rel = ctx.figures.resolve().relative_to(path.parent.resolve()).as_posix()
+        except ValueError:
+            self.rel = ctx.figures.resolve().as_posix()
+
+    def result(self, name: str) -> Optional[dict[str, Any]]:
+        stage = self.stages.get(name)
+        if stage is None:
+            return None
+        record = self.ctx.store.load(name, self.ctx.settings.fingerprint(*stage.fields))
+        if record is not None:
+            self.records[name] = record
+        return None if record is None else record["data"]
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def figure(self, filename: str, caption: str) -> None:
+        self.add(f"![{caption}]({self.rel}/{filename})", "")
+
+    def missing(self, what: str, stage: str) -> None:
+        self.add(f"*Not run yet: stage `{stage}` ({what}). Run `python scripts/reproduce.py --stages {stage}`.*", "")
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        self.add("| " + " | ".join(header) + " |", "|" + "---|" * len(header))
+        for row in rows:
+            self.add("| " + " | ".join(str(c) for c in row) + " |")
+        self.add("")
+
+
+# --------------------------------------------------------------------------------------------------- sections
+def _ddim_table1(r: Report) -> None:
+    s = r.ctx.settings
+    r.add("## 1. DDIM Table 1: FID against steps S and eta (packaged model)", "")
+    data, anc = r.result("ddim-table1"), r.result("packaged-samplers")
+    if data is None:
+        return r.missing("DDIM Table 1", "ddim-table1")
+    runs = data["runs"]
+    steps = sorted({run["steps"] for run in runs})
+    fid = {(run["eta"], run["steps"]): run["fid"] for run in runs}
+    ancestral = {run["steps"]: run["fid"] for run in (anc["runs"] if anc else []) if run["sampler"] == "ddpm"}
+    r.add(f"{s.num_samples} samples per cell, DDIM on the packaged model (cosine schedule, T = 1000, learned "
+          f"variance, which DDIM ignores), clip x0 to [-1, 1], the same x_T in every cell (seed {s.seed}). The last "
+          f"row is I-DDPM ancestral sampling with the learned variance on the process respaced to S steps (the "
+          f"DDIM paper's last row is DDPM with the larger variance beta_t; ours is the model's own variance). "
+          f"Floor (real vs real, n = {s.num_samples}): FID {fmt(data['floor']['fid'])}.", "")
+    rows = [[f"eta = {eta:g}"] + [fmt(fid.get((eta, k))) for k in steps] for eta in s.ddim_etas]
+    if ancestral:
+        rows.append(["ancestral, learned variance"] + [fmt(ancestral.get(k)) for k in steps])
+    r.table(["FID", *[f"S = {k}" for k in steps]], rows)
+    series = [(f"DDIM eta={eta:g}", steps, [fid[(eta, k)] for k in steps], "o-") for eta in s.ddim_etas]
+    if ancestral:
+        ks = sorted(ancestral)
+        series.append(("ancestral (learned variance)", ks, [ancestral[k] for k in ks], "s--"))
+    line_plot(r.ctx.figures / "table1_fid.png", series, xlabel="sampling steps S", ylabel="FID (classifier features)",
+              title="DDIM Table 1 analogue (packaged model)", logx=True, logy=True,
+              hlines=[("real floor", data["floor"]["fid"])])
+    r.figure("table1_fid.png", "FID against S for each eta")
+    r.add("<details><summary>KID, precision, recall and sampling time of every cell</summary>", "")
+    r.table(["eta", "S", "FID", "KID", "precision", "recall", "seconds"],
+            [[f"{run['eta']:g}", run["steps"], fmt(run["fid"]), fmt(run["kid"]), fmt(run["precision"]),
+              fmt(run["recall"]), run["seconds"]] for run in runs])
+    r.add("</details>", "")
+    lo, hi = min(s.ddim_etas), max(s.ddim_etas)
+    r.figure(f"table1_eta{lo:g}_S{min(steps)}.png", f"eta={lo:g}, S={min(steps)}")
+    r.figure(f"table1_eta{lo:g}_S{max(steps)}.png", f"eta={lo:g}, S={max(steps)}")
+    r.figure(f"table1_eta{hi:g}_S{max(steps)}.png", f"eta={hi:g}, S={max(steps)}")
+    r.add(f"Samples (first 16, same x_T): eta={lo:g} at S={min(steps)}, eta={lo:g} at S={max(steps)}, "
+          f"eta={hi:g} at S={max(steps)}.", "")
+    per_eta = {eta: [fid[(eta, k)] for k in steps] for eta in s.ddim_etas}
+    bad = [f"eta={eta:g}" for eta, values in per_eta.items() if not decreasing(values)]
+    r.claims.append(Claim("ddim-steps", "FID falls as S grows, for every eta (Table 1)",
+                          "FID falls with S for every eta" if not bad else
+                          f"not monotone in S for {', '.join(bad)}: " + "; ".join(
+                              f"eta={eta:g}: " + " > ".join(fmt(v) for v in per_eta[eta]) for eta in s.ddim_etas),
+                          not bad))
+    small = min(steps)
+    at_small = [fid[(eta, small)] for eta in s.ddim_etas]
+    r.claims.append(Claim("ddim-eta", f"at few steps (S = {small}) FID grows with eta; eta = 0 is best",
+                          f"S = {small}: " + ", ".join(f"eta={eta:g}: {fmt(v)}" for eta, v in
+                                                       zip(s.ddim_etas, at_small)),
+                          increasing(at_small)))
+
+
+def _ancestral_vs_ddim(r: Report) -> None:
+    r.add("## 2. Learned-variance ancestral sampling against DDIM with the same steps (packaged model)", "")
+    anc, table1 = r.result("packaged-samplers"), r.result("ddim-table1")
+    if anc is None:
+        return r.missing("ancestral vs DDIM", "packaged-samplers")
+    ddim = {run["steps"]: run["fid"] for run in anc["runs"] if run["sampler"] == "ddim"}
+    if table1:
+        ddim.update({run["steps"]: run["fid"] for run in table1["runs"] if run["eta"] == 0.0})
+    ancestral = {run["steps"]: run["fid"] for run in anc["runs"] if run["sampler"] == "ddpm"}
+    steps = sorted(set(ancestral) & set(ddim))
+    r.add("I-DDPM Figure 8 compares ancestral sampling of a learned-variance model on a respaced process with "
+          "DDIM (eta = 0) at equal step counts. Same model, same x_T, same sample count as section 1.", "")
+    r.table(["sampler", *[f"S = {k}" for k in steps]],
+            [["ancestral, learned variance"] + [fmt(ancestral[k]) for k in steps],
+             ["DDIM, eta = 0"] + [fmt(ddim[k]) for k in steps]])
+    r.figure(f"ancestral_S{max(steps)}.png", f"ancestral, S={max(steps)}")
+    r.add(f"Ancestral samples at S = {max(steps)} (first 16).", "")
+    few = [k for k in steps if k < 50]
+    many = [k for k in steps if k >= 50]
+    ok = all(ddim[k] <= ancestral[k] for k in few) and all(ancestral[k] <= ddim[k] for k in many)
+    r.claims.append(Claim("ancestral-vs-ddim",
+                          "DDIM is better below 50 steps, learned-variance ancestral sampling at 50 steps and more "
+                          "(I-DDPM Fig. 8)",
+                          "; ".join(f"S = {k}: ancestral {fmt(ancestral[k])} vs DDIM {fmt(ddim[k])}" for k in steps),
+                          ok))
+
+
+def _inversion(r: Report) -> None:
+    r.add("## 3. DDIM Table 2: reconstruction error after encoding to x_T and decoding (packaged model)", "")
+    data = r.result("ddim-table2")
+    if data is None:
+        return r.missing("DDIM Table 2", "ddim-table2")
+    rows = data["rows"]
+    r.add(f"{data['images']} held-out test images x_0 are encoded with the DDIM ODE (S steps, `ddim_invert`) and "
+          f"decoded with DDIM eta = 0 (same S). Error: mean over images of ||x_0 - x_0'||^2 / d, with pixels in "
+          f"[-1, 1] (divide by 4 for [0, 1] pixels), +- standard error.", "")
+    r.table(["S", "error per dim ([-1, 1])", "error per dim ([0, 1])", "std of x_T", "seconds"],
+            [[row["steps"], f"{row['mse']['mean']:.4g} +- {row['mse']['sem']:.2g}", f"{row['mse']['mean'] / 4:.3g}",
+              f"{row['latent_std']:.3f}", row["seconds"]] for row in rows])
+    line_plot(r.ctx.figures / "table2_error.png",
+              [("reconstruction error", [row["steps"] for row in rows], [row["mse"]["mean"] for row in rows], "o-")],
+              xlabel="steps S", ylabel="error per dimension ([-1, 1] pixels)", title="DDIM Table 2 analogue",
+              logx=True, logy=True)
+    r.figure("table2_error.png", "reconstruction error against S")
+    r.figure("table2_reconstructions.png", "inputs and reconstructions")
+    r.add("Top row: inputs; then the reconstructions for each S in the table's order.", "")
+    errors = [row["mse"]["mean"] for row in rows]
+    r.claims.append(Claim("inversion", "reconstruction error falls as S grows (Table 2)",
+                          " > ".join(f"{e:.3g}" for e in errors) + f" for S = {', '.join(str(r_['steps']) for r_ in rows)}",
+                          decreasing(errors)))
+
+
+def _small_models(r: Report) -> None:
+    s = r.ctx.settings
+    r.add("## 4. I-DDPM: L_simple against L_hybrid, linear against cosine (small models trained alike)", "")
+    models = {name: r.result(f"idpm-{name}") for name in s.small_model_names}
+    done = {k: v for k, v in models.items() if v is not None}
+    for name in models:
+        if models[name] is None:
+            r.missing(f"small model {name}", f"idpm-{name}")
+    if not done:
+        return
+    any_model = next(iter(done.values()))
+    r.add(f"Each model: the same U-Net ({any_model['parameters']:,} parameters with learned variance; 16 base "
+          f"channels, (1, 2, 2), two res blocks, attention at 7 x 7), T = 1000, eps prediction, "
+          f"{s.small_train_steps} steps of batch {s.small_batch_size} on Fashion-MNIST (lr {s.small_lr}, EMA "
+          f"{s.small_ema_rate}), seed {s.seed}. L_simple models use the fixed variance beta_t (improved-diffusion's "
+          f"choice without learned sigmas); L_hybrid = L_simple + 0.001 L_vb with a learned range. Bits/dim: the full "
+          f"variational bound over all T steps on {s.bpd_images} test images (+- standard error). FID: "
+          f"{s.num_samples} samples, ancestral on the respaced process and DDIM (eta = 0).", "")
+    steps = list(s.respaced_steps)
+    header = ["model", "schedule", "loss", "final mse", "bits/dim"]
+    header += [f"FID anc. {k}" for k in steps] + [f"FID DDIM {k}" for k in steps]
+    rows = []
+    for name, d in done.items():
+        fid = {(run["sampler"], run["steps"]): run["fid"] for run in d["samplers"]}
+        log = [row for row in d["train"]["log"] if row.get("mse") is not None]
+        tail = log[-4:]
+        final_mse = sum(row["mse"] for row in tail) / len(tail) if tail else None
+        rows.append([name, d["schedule"], "L_hybrid" if d["loss_type"] == "rescaled_mse" else "L_simple",
+                     fmt(final_mse), f"{d['bpd']['bpd']:.3f} +- {d['bpd']['sem']:.3f}"]
+                    + [fmt(fid.get(("ddpm", k))) for k in steps] + [fmt(fid.get(("ddim", k))) for k in steps])
+    r.table(header, rows)
+    r.add("'final mse' is the mean of the last four logged training-loss means (eps mse, 50 steps each).", "")
+    series = []
+    for name, d in done.items():
+        fid = {(run["sampler"], run["steps"]): run["fid"] for run in d["samplers"]}
+        series.append((f"{name} ancestral", steps, [fid[("ddpm", k)] for k in steps], "o-"))
+        series.append((f"{name} DDIM", steps, [fid[("ddim", k)] for k in steps], "x--"))
+    line_plot(r.ctx.figures / "idpm_fid_steps.png", series, xlabel="sampling steps", ylabel="FID",
+              title="I-DDPM Fig. 8 analogue (small models)", logx=True)
+    r.figure("idpm_fid_steps.png", "FID against sampling steps for each small model")
+    curves = []
+    for name, d in done.items():
+        log = [row for row in d["train"]["log"] if row.get("mse") is not None]
+        curves.append((name, [row["step"] for row in log], [row["mse"] for row in log], "-"))
+    line_plot(r.ctx.figures / "idpm_train_mse.png", curves, xlabel="training step", ylabel="eps mse (training)",
+              title="Training loss of the small models", logy=True)
+    r.figure("idpm_train_mse.png", "training mse of the small models")
+    for name in done:
+        r.figure(f"idpm_{name}_ancestral{max(steps)}.png", f"{name}, ancestral {max(steps)} steps")
+    r.add(f"Samples, ancestral {max(steps)} steps, in the table's order: " + ", ".join(done) + ".", "")
+    _small_model_claims(r, done, steps)
+
+
+def _small_model_claims(r: Report, done: dict[str, dict], steps: list[int]) -> None:
+    bpd = {name: d["bpd"]["bpd"] for name, d in done.items()}
+    fid = {name: {(run["sampler"], run["steps"]): run["fid"] for run in d["samplers"]} for name, d in done.items()}
+    for schedule in ("linear", "cosine"):
+        simple, hybrid = f"simple-{schedule}", f"hybrid-{schedule}"
+        if simple in bpd and hybrid in bpd:
+            r.claims.append(Claim("hybrid-bpd", f"L_hybrid gives better bits/dim than L_simple ({schedule})",
+                                  f"{fmt(bpd[hybrid])} vs {fmt(bpd[simple])}", bpd[hybrid] < bpd[simple]))
+            k_lo, k_hi = min(steps), max(steps)
+            rise = {n: fid[n][("ddpm", k_lo)] / fid[n][("ddpm", k_hi)] for n in (simple, hybrid)}
+            r.claims.append(Claim("hybrid-few-steps",
+                                  f"with fewer respaced ancestral steps, L_hybrid's FID degrades less than "
+                                  f"L_simple's ({schedule}; I-DDPM Fig. 8)",
+                                  f"FID({k_lo}) / FID({k_hi}): hybrid {rise[hybrid]:.2f}, simple {rise[simple]:.2f}",
+                                  rise[hybrid] < rise[simple]))
+    for loss in ("simple", "hybrid"):
+        linear, cosine = f"{loss}-linear", f"{loss}-cosine"
+        if linear in bpd and cosine in bpd:
+            r.claims.append(Claim("cosine-bpd", f"the cosine schedule gives better bits/dim than linear (L_{loss})",
+                                  f"{fmt(bpd[cosine])} vs {fmt(bpd[linear])}", bpd[cosine] < bpd[linear]))
+            k = max(steps)
+            r.claims.append(Claim("cosine-fid", f"the cosine schedule gives better FID than linear (L_{loss}, "
+                                                f"ancestral {k} steps)",
+                                  f"{fmt(fid[cosine][('ddpm', k)])} vs {fmt(fid[linear][('ddpm', k)])}",
+                                  fid[cosine][("ddpm", k)] < fid[linear][("ddpm", k)]))
+
+
+def _dps(r: Report) -> None:
+    s = r.ctx.settings
+    r.add("## 5. DPS against each task's baseline (packaged model)", "")
+    done = {task: r.result(f"dps-{task}") for task in s.dps_tasks}
+    for task, d in done.items():
+        if d is None:
+            r.missing(f"DPS on {task}", f"dps-{task}")
+    done = {k: v for k, v in done.items() if v is not None}
+    if not done:
+        return
+    r.add(f"{s.dps_images} held-out test images per task, Gaussian measurement noise sigma_y = {s.dps_sigma_y} "
+          f"(images in [-1, 1]); DPS with {s.dps_steps} respaced ancestral steps (the paper uses 1000), zeta = "
+          f"{s.dps_zeta} / ||A||_2, the same seed for all. Baselines: naive inpainting (sampling with the known "
+          f"pixels replaced by their noised values at every step) for masks, nearest up-sampling for x4 pooling, "
+          f"damped least squares for blurs, filtered back-projection for CT. PSNR (dB) and SSIM are means +- "
+          f"standard error against the ground truth; FID of the {s.dps_images} restorations against the reference "
+          f"set, next to the ground truths' own FID (the floor at n = {s.dps_images}).", "")
+    rows = []
+    for task, d in done.items():
+        deg = d["degraded"]
+        rows.append([task, d["baseline_name"],
+                     f"{deg['psnr']['mean']:.2f}" if deg else "-",
+                     f"{d['baseline']['psnr']['mean']:.2f} +- {d['baseline']['psnr']['sem']:.2f}",
+                     f"{d['restored']['psnr']['mean']:.2f} +- {d['restored']['psnr']['sem']:.2f}",
+                     f"{d['baseline']['ssim']['mean']:.3f}", f"{d['restored']['ssim']['mean']:.3f}",
+                     fmt(d["fid"]["baseline"]["fid"]), fmt(d["fid"]["restored"]["fid"]),
+                     fmt(d["fid"]["floor"]["fid"]), d["seconds"]])
+    r.table(["task", "baseline", "PSNR input", "PSNR baseline", "PSNR DPS", "SSIM baseline", "SSIM DPS",
+             "FID baseline", "FID DPS", "FID floor", "DPS+baseline s"], rows)
+    for task in done:
+        r.figure(f"dps_{task}.png", f"DPS on {task}")
+    r.add("Each picture: ground truth, the degraded input (where it is an image), the baseline, DPS.", "")
+    fid_wins = [t for t, d in done.items() if d["fid"]["restored"]["fid"] < d["fid"]["baseline"]["fid"]]
+    psnr_wins = [t for t, d in done.items() if d["restored"]["psnr"]["mean"] > d["baseline"]["psnr"]["mean"]]
+    r.claims.append(Claim("dps-fid", "DPS has a better FID than the baselines on every task (DPS Tables 1-3)",
+                          f"better on {len(fid_wins)} of {len(done)} tasks" +
+                          (f" (not on {', '.join(t for t in done if t not in fid_wins)})"
+                           if len(fid_wins) < len(done) else ""), len(fid_wins) == len(done)))
+    r.claims.append(Claim("dps-psnr", "DPS has a better PSNR than the baselines (the paper: mostly, not always)",
+                          f"better on {len(psnr_wins)} of {len(done)} tasks" +
+                          (f" (not on {', '.join(t for t in done if t not in psnr_wins)})"
+                           if len(psnr_wins) < len(done) else ""), len(psnr_wins) == len(done)))
+
+
+def _speed(r: Report) -> None:
+    r.add("## 6. Sampling speed (packaged model)", "")
+    data = r.result("speed")
+    if data is None:
+        return r.missing("sampling speed", "speed")
+    machine = r.records["speed"]["machine"]
+    r.add(f"Batch {data['batch']}, {data['threads']} torch threads on {machine['cpu']} ({machine['cores']} cores), "
+          f"torch {machine['torch']}; wall time of whole sampling calls, median of the repeats. The U-Net "
+          f"(1.74M parameters) dominates every step on the CPU; the fused step ops' own gains are in "
+          f"bench/RESULTS.md.", "")
+    r.table(["configuration", "network evaluations", "repeats", "seconds", "images/s", "ms per image per step"],
+            [[row["config"], row["network_evaluations"], row["repeats"], f"{row['seconds']:.2f}",
+              f"{row['images_per_s']:.2f}", f"{row['ms_per_image_step']:.2f}"] for row in data["rows"]])
+
+
+def _claims(r: Report) -> None:
+    r.add("## 7. The papers' claims, checked", "")
+    if not r.claims:
+        return r.add("*No results yet.*", "")
+    r.table(["claim", "here", "agrees"],
+            [[c.paper, c.observed, "yes" if c.agrees else "**no**"] for c in r.claims])
+    failed = [c for c in r.claims if not c.agrees]
+    r.add("### Where we disagree, and why", "")
+    if not failed:
+        return r.add("Every checked trend holds here.", "")
+    seen = set()
+    for claim in failed:
+        if claim.key in seen:
+            continue
+        seen.add(claim.key)
+        r.add(f"- **{claim.paper}** — {EXPLANATIONS.get(claim.key, 'No explanation recorded.')}")
+    r.add("")
+
+
+def _header(r: Report) -> None:
+    s = r.ctx.settings
+    r.add("# Reproducing the papers' claims with diffcore", "",
+          "Generated by `python scripts/reproduce.py` (preset `%s`); every number below is read from "
+          "`%s/results/*.json`, which that script writes (re-run one stage with `--stages NAME`, see `--list`). "
+          "Do not edit this file by hand." % (s.name, r.ctx.out_dir.as_posix()), "", FEATURES_NOTE, "")
+
+
+def _footer(r: Report) -> None:
+    r.add("## Where and how long", "")
+    rows = [[name, rec["finished"], rec["seconds"], rec["machine"]["torch_threads"], rec["machine"]["cpu"]]
+            for name, rec in r.records.items()]
+    r.table(["stage", "finished", "seconds", "torch threads", "CPU"], rows)
+    r.add("Stages ran side by side on the same 2-core machine (two single-thread processes), so their seconds "
+          "include contention; only section 6 was measured alone.", "")
+
+
+def write_report(ctx: Context, stages: Sequence[Stage], path: "str | Path") -> Path:
+    """Write the markdown report to ``path`` (figures under ``ctx.figures``); sections whose stages have no
+    stored result say so. Returns the path."""
+    path = Path(path)
+    r = Report(ctx, stages, path)
+    _header(r)
+    for section in (_ddim_table1, _ancestral_vs_ddim, _inversion, _small_models, _dps, _speed, _claims, _footer):
+        section(r)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "\n".join(r.lines).rstrip() + "\n")
+    return path
