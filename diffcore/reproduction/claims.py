@@ -47,6 +47,9 @@ EXPLANATIONS = {
         "fresh noise that eta > 0 injects corrects part of the accumulated error of the deterministic path (the "
         "'stochasticity helps imperfect score models' effect later reported by Karras et al. 2022), which can "
         "reverse the ordering."),
+    "ddim-gap": (
+        "DDIM's stochastic and deterministic samplers approach the same distribution as S grows only when the "
+        "model is accurate; a weak model's errors make the two limits differ."),
     "ancestral-vs-ddim": (
         "I-DDPM's crossover (DDIM better below ~50 steps, learned-variance ancestral better above) was measured "
         "with 4000-step models trained for hundreds of thousands of steps; our model's learned variances are "

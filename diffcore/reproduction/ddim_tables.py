@@ -28,6 +28,15 @@ def run_ddim_table(ctx: Context) -> dict[str, Any]:
     return {"model": "packaged", "runs": runs, "floor": ctx.scorer.floor(s.num_samples)}
 
 
+def run_ddim_long(ctx: Context, eta: float) -> dict[str, Any]:
+    """Table 1's costly column: DDIM with S = ``ddim_long_steps`` at ``eta``, from the same x_T."""
+    s = ctx.settings
+    bundle = ctx.packaged_model()
+    run = sample_and_score(ctx, bundle.model, bundle.diffusion, bundle.image_shape, sampler="ddim",
+                           steps=s.ddim_long_steps, eta=eta, grid_name=f"table1_eta{eta:g}_S{s.ddim_long_steps}")
+    return {"model": "packaged", "runs": [run]}
+
+
 def run_packaged_samplers(ctx: Context) -> dict[str, Any]:
     """Ancestral sampling of the packaged model's learned variance on processes respaced to each S in
     ``ddim_steps`` and ``respaced_steps``, and DDIM (eta 0) at the respaced counts Table 1 lacks."""

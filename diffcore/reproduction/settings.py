@@ -36,7 +36,8 @@ class ReproSettings:
 
     Sample quality: ``num_samples`` generated images per configuration, scored against as many real test images
     (the floor: another disjoint set of as many); ``batch_size`` images per sampling batch.
-    DDIM Table 1: ``ddim_steps`` x ``ddim_etas`` on the packaged model. Table 2: ``inversion_images`` test images
+    DDIM Table 1: ``ddim_steps`` x ``ddim_etas`` on the packaged model, and S = ``ddim_long_steps`` for each of
+    ``ddim_long_etas`` (one stage each: the costly cells). Table 2: ``inversion_images`` test images
     encoded and decoded with each of ``inversion_steps``. I-DDPM: the :data:`SMALL_MODELS` trained
     ``small_train_steps`` steps of ``small_batch_size`` each (lr ``small_lr``, EMA ``small_ema_rate``), bits/dim
     on ``bpd_images`` test images, samples with ``respaced_steps`` (ancestral and DDIM). DPS: ``dps_images`` test
@@ -51,6 +52,8 @@ class ReproSettings:
     batch_size: int = 100
     ddim_steps: tuple[int, ...] = (10, 20, 50, 100)
     ddim_etas: tuple[float, ...] = (0.0, 0.2, 0.5, 1.0)
+    ddim_long_steps: int = 1000
+    ddim_long_etas: tuple[float, ...] = (0.0, 1.0)
     inversion_images: int = 50
     inversion_steps: tuple[int, ...] = (10, 20, 50, 100, 1000)
     small_train_steps: int = 2000
@@ -78,6 +81,7 @@ class ReproSettings:
     def quick(cls) -> "ReproSettings":
         """Tiny sizes that exercise every stage in well under a minute (numbers meaningless)."""
         return cls(name="quick", num_samples=8, batch_size=8, ddim_steps=(2, 4), ddim_etas=(0.0, 1.0),
+                   ddim_long_steps=8, ddim_long_etas=(0.0,),
                    inversion_images=4, inversion_steps=(2, 4), small_train_steps=3, small_batch_size=4,
                    small_model_names=("simple-linear", "hybrid-cosine"), bpd_images=2, respaced_steps=(2, 4),
                    dps_tasks=("inpaint-box", "sr4"), dps_images=4, dps_steps=3, speed_batch=2, speed_repeats=1,

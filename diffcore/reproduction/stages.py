@@ -38,15 +38,26 @@ def _dps_stage(task: str) -> Stage:
                  COMMON + ("dps_images", "dps_steps", "dps_zeta", "dps_sigma_y"))
 
 
+def long_stage_name(eta: float) -> str:
+    return f"ddim-table1-long-eta{eta:g}"
+
+
+def _ddim_long_stage(eta: float) -> Stage:
+    from .ddim_tables import run_ddim_long
+
+    return Stage(long_stage_name(eta), lambda ctx: run_ddim_long(ctx, eta), COMMON + ("ddim_long_steps",))
+
+
 def all_stages(settings: ReproSettings) -> list[Stage]:
     """Every stage for these settings, in run order."""
     from .ddim_tables import run_ddim_table, run_inversion_table, run_packaged_samplers
     from .speed import run_speed
 
-    stages = [Stage("ddim-table1", run_ddim_table, COMMON + ("ddim_steps", "ddim_etas")),
-              Stage("packaged-samplers", run_packaged_samplers, COMMON + ("ddim_steps", "respaced_steps")),
-              Stage("ddim-table2", run_inversion_table, ("seed", "num_samples", "inversion_images",
-                                                         "inversion_steps"))]
+    stages = [Stage("ddim-table1", run_ddim_table, COMMON + ("ddim_steps", "ddim_etas"))]
+    stages += [_ddim_long_stage(eta) for eta in settings.ddim_long_etas]
+    stages += [Stage("packaged-samplers", run_packaged_samplers, COMMON + ("ddim_steps", "respaced_steps")),
+               Stage("ddim-table2", run_inversion_table, ("seed", "num_samples", "inversion_images",
+                                                          "inversion_steps"))]
     stages += [_small_model_stage(name) for name in settings.small_model_names]
     stages += [_dps_stage(task) for task in settings.dps_tasks]
     stages.append(Stage("speed", run_speed, ("speed_batch", "speed_repeats", "speed_full_ancestral", "dps_steps")))
