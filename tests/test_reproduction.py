@@ -94,7 +94,10 @@ def test_scorer_sets_are_disjoint_and_the_reference_scores_zero_against_itself()
 def _fake_table1(settings, fid):
     runs = [{"sampler": "ddim", "steps": k, "eta": eta, "fid": fid(eta, k), "kid": 0.1, "precision": 0.5,
              "recall": 0.5, "seconds": 1.0} for eta in settings.ddim_etas for k in settings.ddim_steps]
-    return {"model": "packaged", "runs": runs, "floor": {"fid": 1.0, "kid": 0.0, "precision": 1, "recall": 1}}
+    description = {"schedule": "cosine", "num_timesteps": 1000, "prediction_type": "eps",
+                   "variance_type": "learned_range", "train_steps": 6000, "parameters": 1_743_170}
+    return {"model": "packaged", "description": description, "runs": runs,
+            "floor": {"fid": 1.0, "kid": 0.0, "precision": 1, "recall": 1}}
 
 
 @pytest.mark.parametrize("paper_like", [True, False])

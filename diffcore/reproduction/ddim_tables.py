@@ -14,9 +14,17 @@ from .context import Context
 from .sampling_runs import mean_sem, sample_and_score
 
 
+def describe(bundle) -> dict[str, Any]:
+    """The packaged model's process and size, for the report's text."""
+    config = bundle.config
+    return {"schedule": config.schedule, "num_timesteps": config.num_timesteps,
+            "prediction_type": config.prediction_type, "variance_type": config.variance_type,
+            "train_steps": int(bundle.step), "parameters": sum(p.numel() for p in bundle.model.parameters())}
+
+
 def run_ddim_table(ctx: Context) -> dict[str, Any]:
     """FID (and KID, precision, recall) of DDIM for every S in ``ddim_steps`` and eta in ``ddim_etas``, all from
-    the same x_T; plus the floor of real images at the same count."""
+    the same x_T; plus the floor of real images at the same count and the model's description."""
     s = ctx.settings
     bundle = ctx.packaged_model()
     runs = []
@@ -25,7 +33,8 @@ def run_ddim_table(ctx: Context) -> dict[str, Any]:
             grid = f"table1_eta{eta:g}_S{steps}" if steps in (min(s.ddim_steps), max(s.ddim_steps)) else None
             runs.append(sample_and_score(ctx, bundle.model, bundle.diffusion, bundle.image_shape, sampler="ddim",
                                          steps=steps, eta=eta, grid_name=grid))
-    return {"model": "packaged", "runs": runs, "floor": ctx.scorer.floor(s.num_samples)}
+    return {"model": "packaged", "description": describe(bundle), "runs": runs,
+            "floor": ctx.scorer.floor(s.num_samples)}
 
 
 def run_ddim_long(ctx: Context, eta: float) -> dict[str, Any]:

@@ -6,14 +6,17 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..checkpoint import atomic_write_text
+from ..metrics import load_feature_extractor
 from .claims import EXPLANATIONS, Claim, decreasing, fmt, increasing
 from .context import Context
 from .plots import line_plot
+from .idpm import train_config
+from .settings import small_unet
 from .stages import Stage, long_stage_name
 
 FEATURES_NOTE = (
     "FID, KID, precision and recall are computed in the feature space of diffcore's own Fashion-MNIST classifier "
-    "(`diffcore/assets/fmnist_classifier.safetensors`, test accuracy 0.93), not Inception: they compare runs "
+    "(`diffcore/assets/fmnist_classifier.safetensors`, test accuracy {accuracy}), not Inception: they compare runs "
     "within this report only, never with the papers' numbers. Every configuration is scored with the same number "
     "of samples against the same reference set of real test images; the *floor* is a disjoint set of as many "
     "real test images scored the same way (what a perfect generator would get at that count).")
@@ -76,8 +79,11 @@ def _ddim_table1(r: Report) -> None:
     steps = sorted({run["steps"] for run in runs})
     fid = {(run["eta"], run["steps"]): run["fid"] for run in runs}
     ancestral = {run["steps"]: run["fid"] for run in (anc["runs"] if anc else []) if run["sampler"] == "ddpm"}
-    r.add(f"{s.num_samples} samples per cell, DDIM on the packaged model (cosine schedule, T = 1000, learned "
-          f"variance, which DDIM ignores), clip x0 to [-1, 1], the same x_T in every cell (seed {s.seed}). The last "
+    m = data["description"]
+    r.add(f"{s.num_samples} samples per cell, DDIM on the packaged model ({m['parameters']:,} parameters, trained "
+          f"{m['train_steps']} steps; {m['schedule']} schedule, T = {m['num_timesteps']}, {m['prediction_type']} "
+          f"prediction, {m['variance_type']} variance, which DDIM ignores), clip x0 to [-1, 1], the same x_T in "
+          f"every cell (seed {s.seed}). The last "
           f"row is I-DDPM ancestral sampling with the learned variance on the process respaced to S steps (the "
           f"DDIM paper's last row is DDPM with the larger variance beta_t; ours is the model's own variance). "
           f"Floor (real vs real, n = {s.num_samples}): FID {fmt(data['floor']['fid'])}.", "")
@@ -193,8 +199,12 @@ def _small_models(r: Report) -> None:
     if not done:
         return
     any_model = next(iter(done.values()))
-    r.add(f"Each model: the same U-Net ({any_model['parameters']:,} parameters with learned variance; 16 base "
-          f"channels, (1, 2, 2), two res blocks, attention at 7 x 7), T = 1000, eps prediction, "
+    unet = small_unet(True)
+    r.add(f"Each model: the same U-Net ({any_model['parameters']:,} parameters with learned variance; "
+          f"{unet.model_channels} base channels, multipliers {tuple(unet.channel_mult)}, {unet.num_res_blocks} res "
+          f"blocks per level, attention at {', '.join(f'{a} x {a}' for a in unet.attention_resolutions)}), "
+          f"T = {train_config(r.ctx, next(iter(done))).num_timesteps}, "
+          f"eps prediction, "
           f"{s.small_train_steps} steps of batch {s.small_batch_size} on Fashion-MNIST (lr {s.small_lr}, EMA "
           f"{s.small_ema_rate}), seed {s.seed}. L_simple models use the fixed variance beta_t (improved-diffusion's "
           f"choice without learned sigmas); L_hybrid = L_simple + 0.001 L_vb with a learned range. Bits/dim: the full "
@@ -273,7 +283,7 @@ def _dps(r: Report) -> None:
     if not done:
         return
     r.add(f"{s.dps_images} held-out test images per task, Gaussian measurement noise sigma_y = {s.dps_sigma_y} "
-          f"(images in [-1, 1]); DPS with {s.dps_steps} respaced ancestral steps (the paper uses 1000), zeta = "
+          f"(images in [-1, 1]); DPS with {s.dps_steps} respaced ancestral steps (the paper uses all 1000), zeta = "
           f"{s.dps_zeta} / ||A||_2, the same seed for all. Baselines: naive inpainting (sampling with the known "
           f"pixels replaced by their noised values at every step) for masks, nearest up-sampling for x4 pooling, "
           f"damped least squares for blurs, filtered back-projection for CT. PSNR (dB) and SSIM are means +- "
@@ -314,8 +324,8 @@ def _speed(r: Report) -> None:
     machine = r.records["speed"]["machine"]
     r.add(f"Batch {data['batch']}, {data['threads']} torch threads on {machine['cpu']} ({machine['cores']} cores), "
           f"torch {machine['torch']}; wall time of whole sampling calls, median of the repeats. The U-Net "
-          f"(1.74M parameters) dominates every step on the CPU; the fused step ops' own gains are in "
-          f"bench/RESULTS.md.", "")
+          f"({data['parameters']:,} parameters) dominates every step on the CPU; the fused step ops' own gains are "
+          f"in bench/RESULTS.md.", "")
     r.table(["configuration", "network evaluations", "repeats", "seconds", "images/s", "ms per image per step"],
             [[row["config"], row["network_evaluations"], row["repeats"], f"{row['seconds']:.2f}",
               f"{row['images_per_s']:.2f}", f"{row['ms_per_image_step']:.2f}"] for row in data["rows"]])
@@ -345,7 +355,8 @@ def _header(r: Report) -> None:
     r.add("# Reproducing the papers' claims with diffcore", "",
           "Generated by `python scripts/reproduce.py` (preset `%s`); every number below is read from "
           "`%s/results/*.json`, which that script writes (re-run one stage with `--stages NAME`, see `--list`). "
-          "Do not edit this file by hand." % (s.name, r.ctx.out_dir.as_posix()), "", FEATURES_NOTE, "")
+          "Do not edit this file by hand." % (s.name, r.ctx.out_dir.as_posix()), "",
+          FEATURES_NOTE.format(accuracy=load_feature_extractor().metadata.get("test_accuracy", "unknown")), "")
 
 
 def _footer(r: Report) -> None:

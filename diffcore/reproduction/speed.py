@@ -64,4 +64,5 @@ def run_speed(ctx: Context) -> dict[str, Any]:
                      "ms_per_image_step": 1000 * median / (s.speed_batch * evaluations)})
         if ctx.progress:
             print(f"  {name}: {s.speed_batch / median:.2f} images/s", flush=True)
-    return {"batch": s.speed_batch, "threads": torch.get_num_threads(), "rows": rows}
+    return {"batch": s.speed_batch, "threads": torch.get_num_threads(), "rows": rows,
+            "parameters": sum(p.numel() for p in bundle.model.parameters())}
