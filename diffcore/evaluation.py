@@ -95,10 +95,13 @@ def to_classifier_input(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, diffusion, image_shape: Sequence[int], n: int, *, steps: int = 50, eta: float = 0.0,
              sampler: Sampler = "ddim", seed: int = 0, batch_size: int = 250,
-             device: "torch.device | str | None" = None, progress: bool = True) -> torch.Tensor:
+             device: "torch.device | str | None" = None, progress: bool = True,
+             skip_type: "str | None" = None) -> torch.Tensor:
     """``n`` samples as float32 ``[n, C, H, W]`` in [-1, 1] on the CPU, in batches of ``batch_size``: batch k is
     :func:`diffcore.sample` with seed ``seed + k`` (so the images depend on ``batch_size``); ``sampler`` "ddim"
-    (``steps`` DDIM steps, ``eta``) or "ddpm" (ancestral on a process respaced to ``steps``), clip_denoised."""
+    (``steps`` DDIM steps, ``eta``) or "ddpm" (ancestral on a process respaced to ``steps``), clip_denoised;
+    ``skip_type`` the timestep spacing (default: :func:`diffcore.sample`'s, "uniform" for DDIM when steps divides
+    T, "even" otherwise)."""
     from .sampling import sample
 
     if sampler not in ("ddim", "ddpm"):
@@ -113,7 +116,7 @@ def generate(model, diffusion, image_shape: Sequence[int], n: int, *, steps: int
     for k, start in enumerate(tqdm(starts, desc="sampling", unit="batch", disable=not progress)):
         count = min(batch_size, n - start)
         images = sample(model, n=count, fast=sampler == "ddim", steps=steps, eta=eta, seed=seed + k, device=device,
-                        diffusion=diffusion, image_shape=image_shape, progress=False)
+                        diffusion=diffusion, image_shape=image_shape, progress=False, skip_type=skip_type)
         parts.append(images.float().cpu())
     return torch.cat(parts)
 

@@ -281,3 +281,17 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     # not vacuous: three steps moved the weights well beyond the tolerance
     initial = Trainer(tiny_config(tmp_path / "init"), dataset=tiny_data(), resume=False).model.state_dict()
     assert max(float((loaded.model[k] - initial[k]).abs().max()) for k in initial) > 1e-3
+
+
+def test_resume_treats_fields_added_later_as_their_defaults():
+    from diffcore.train.trainer import resume_differences
+
+    config = TrainConfig(total_steps=10)
+    older = config.to_dict()
+    del older["ema_warmup"]  # a checkpoint written before the field existed
+    assert resume_differences(older, config) == []
+    assert resume_differences(older, config.replace(ema_warmup=True)) != []
+    changed = dict(older, lr=1.0)
+    assert any("lr" in d for d in resume_differences(changed, config))
+    assert resume_differences(dict(older, total_steps=99), config) == []  # resumable change
+    assert "not a valid TrainConfig" in resume_differences(dict(older, bogus=1), config)[0]

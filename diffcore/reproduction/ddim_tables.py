@@ -61,6 +61,24 @@ def run_packaged_samplers(ctx: Context) -> dict[str, Any]:
     return {"model": "packaged", "runs": runs, "floor": ctx.scorer.floor(s.num_samples)}
 
 
+def run_ddim_spacing(ctx: Context) -> dict[str, Any]:
+    """DDIM (eta 0) at each S in ``ddim_steps`` with the "even" spacing of improved-diffusion's respacing, whose
+    first step is t = T - 1, against Table 1's "uniform" spacing range(0, T, T // S) (ermongroup/ddim), whose first
+    step is t = T - T/S: there x_T ~ N(0, I) is taken for x_{T - T/S}, which under the cosine schedule still holds
+    a visible share sqrt(abar) of the image (0.15 at S = 10)."""
+    s = ctx.settings
+    bundle = ctx.packaged_model()
+    abar = bundle.diffusion.alphas_cumprod.double().cpu()
+    T = bundle.diffusion.num_timesteps
+    runs = []
+    for steps in s.ddim_steps:
+        run = sample_and_score(ctx, bundle.model, bundle.diffusion, bundle.image_shape, sampler="ddim",
+                               steps=steps, eta=0.0, skip_type="even")
+        run["uniform_first_sqrt_abar"] = float(abar[T - T // steps].sqrt()) if T // steps > 0 else None
+        runs.append(run)
+    return {"model": "packaged", "runs": runs}
+
+
 @torch.no_grad()
 def run_inversion_table(ctx: Context) -> dict[str, Any]:
     """Encode ``inversion_images`` held-out test images to x_T by DDIM inversion with S steps and decode them

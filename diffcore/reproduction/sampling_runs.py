@@ -12,21 +12,21 @@ from .context import Context
 
 
 def sample_and_score(ctx: Context, model, diffusion, image_shape, *, sampler: str, steps: int, eta: float = 0.0,
-                     grid_name: str | None = None) -> dict[str, Any]:
+                     grid_name: str | None = None, skip_type: str | None = None) -> dict[str, Any]:
     """``settings.num_samples`` images from ``sampler`` ("ddim" with ``eta`` or "ddpm": ancestral on the process
-    respaced to ``steps``), seeds ``settings.seed + k`` per batch (the same x_T for every configuration), scored
+    respaced to ``steps``; ``skip_type`` as in :func:`diffcore.sample`), seeds ``settings.seed + k`` per batch (the same x_T for every configuration), scored
     against the reference set. Returns the metrics plus ``seconds`` of sampling; the first 16 images go to
     ``figures/<grid_name>.png`` when a name is given."""
     s = ctx.settings
     started = time.perf_counter()
     images = generate(model, diffusion, image_shape, s.num_samples, steps=steps, eta=eta, sampler=sampler,
-                      seed=s.seed, batch_size=s.batch_size, progress=ctx.progress)
+                      seed=s.seed, batch_size=s.batch_size, progress=ctx.progress, skip_type=skip_type)
     seconds = time.perf_counter() - started
     if grid_name is not None:
         save_image_grid(images[:16], ctx.figures / f"{grid_name}.png", nrow=8)
     result = ctx.scorer.score(images, seed=s.seed)
     result.update(sampler=sampler, steps=int(steps), eta=float(eta) if sampler == "ddim" else None,
-                  seconds=round(seconds, 2))
+                  skip_type=skip_type, seconds=round(seconds, 2))
     return result
 
 

@@ -50,12 +50,13 @@ def _ddim_long_stage(eta: float) -> Stage:
 
 def all_stages(settings: ReproSettings) -> list[Stage]:
     """Every stage for these settings, in run order."""
-    from .ddim_tables import run_ddim_table, run_inversion_table, run_packaged_samplers
+    from .ddim_tables import run_ddim_spacing, run_ddim_table, run_inversion_table, run_packaged_samplers
     from .speed import run_speed
 
     stages = [Stage("ddim-table1", run_ddim_table, COMMON + ("ddim_steps", "ddim_etas"))]
     stages += [_ddim_long_stage(eta) for eta in settings.ddim_long_etas]
     stages += [Stage("packaged-samplers", run_packaged_samplers, COMMON + ("ddim_steps", "respaced_steps")),
+               Stage("ddim-spacing", run_ddim_spacing, COMMON + ("ddim_steps",)),
                Stage("ddim-table2", run_inversion_table, ("seed", "num_samples", "inversion_images",
                                                           "inversion_steps"))]
     stages += [_small_model_stage(name) for name in settings.small_model_names]

@@ -41,6 +41,21 @@ def build_diffusion(config: TrainConfig, device: "torch.device | str | None" = N
     return GaussianDiffusion(schedule, config.prediction_type, config.variance_type, config.loss_type)
 
 
+def resume_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """How a checkpoint's stored configuration ``saved`` differs from ``config`` in fields that change the run
+    (:data:`RESUMABLE_CHANGES` may differ). Fields added to TrainConfig after the checkpoint was written count as
+    their defaults (which keep the old behaviour)."""
+    try:
+        stored = TrainConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError) as error:
+        return [f"its config is not a valid TrainConfig: {error}"]
+    current = config.to_dict()
+    for name in RESUMABLE_CHANGES:
+        stored.pop(name, None)
+        current.pop(name, None)
+    return ck.config_differences(stored, current)
+
+
 class Trainer:
     """Trains a diffusion model as a :class:`TrainConfig` says.
 
@@ -318,11 +333,7 @@ class Trainer:
         :class:`~diffcore.checkpoint.CheckpointError` when it is damaged or its configuration differs in a field
         that changes the run."""
         loaded = ck.load_checkpoint(ck.resolve_checkpoint(path))
-        saved, current = dict(loaded.config), self.config.to_dict()
-        for name in RESUMABLE_CHANGES:
-            saved.pop(name, None)
-            current.pop(name, None)
-        differences = ck.config_differences(saved, current)
+        differences = resume_differences(loaded.config, self.config)
         if differences:
             raise ck.CheckpointError(f"checkpoint {loaded.path} was written with another configuration: "
                                      + "; ".join(differences[:10]))
