@@ -4,17 +4,20 @@ listed with the likely reasons."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
 class Claim:
     """``key`` names the claim; ``paper`` what the paper reports; ``observed`` what was measured (with numbers);
-    ``agrees`` whether the measured trend is the paper's."""
+    ``agrees`` whether the measured trend is the paper's (None: too close to call); ``explanation`` (optional) why it does not, computed
+    from the run (else :data:`EXPLANATIONS` [key])."""
 
     key: str
     paper: str
     observed: str
-    agrees: bool
+    agrees: Optional[bool]  #: None: the difference is within the measurement noise (a tie)
+    explanation: Optional[str] = None
 
 
 def fmt(value: float) -> str:
@@ -28,12 +31,36 @@ def fmt(value: float) -> str:
     return f"{value:.2f}" if abs(value) >= 0.1 else f"{value:.3g}"
 
 
-def decreasing(values: list[float]) -> bool:
-    return all(b <= a for a, b in zip(values, values[1:]))
+def decreasing(values: list[float], tolerance: float = 0.0) -> bool:
+    """No value exceeds its predecessor by more than ``tolerance``."""
+    return all(b <= a + tolerance for a, b in zip(values, values[1:]))
 
 
-def increasing(values: list[float]) -> bool:
-    return all(b >= a for a, b in zip(values, values[1:]))
+def increasing(values: list[float], tolerance: float = 0.0) -> bool:
+    """No value falls below its predecessor by more than ``tolerance``."""
+    return all(b >= a - tolerance for a, b in zip(values, values[1:]))
+
+
+def lower(a: float, b: float, tolerance: float) -> Optional[bool]:
+    """True when ``a`` is below ``b`` by more than ``tolerance``, False when above by more, None (a tie) else."""
+    if a < b - tolerance:
+        return True
+    if a > b + tolerance:
+        return False
+    return None
+
+
+def combine(verdicts: list[Optional[bool]]) -> Optional[bool]:
+    """All of several comparisons: False if any contradicts, else None if any is a tie, else True."""
+    if any(v is False for v in verdicts):
+        return False
+    if any(v is None for v in verdicts):
+        return None
+    return True
+
+
+def verdict(agrees: Optional[bool]) -> str:
+    return "yes" if agrees else ("**no**" if agrees is False else "tie (within noise)")
 
 
 #: Why a claim may not hold here: printed under "Where we disagree" for each claim whose check fails.
@@ -55,9 +82,9 @@ EXPLANATIONS = {
         "with 4000-step models trained for hundreds of thousands of steps; our model's learned variances are "
         "fitted only roughly after 6000 steps, which shifts the crossover."),
     "inversion": (
-        "Reconstruction error should shrink with S because both the encoder and the decoder are first-order "
-        "discretisations of the same ODE; a non-monotone result points at clipping of x0 or at the model's "
-        "errors near t = 0 dominating the discretisation error."),
+        "Reconstruction error should shrink with S because the encoder and the decoder are first-order "
+        "discretisations of the same ODE; where it does not, the model's own errors (the encoder and the decoder "
+        "evaluate it at different points) dominate the discretisation error."),
     "hybrid-bpd": (
         "With very short training the learned variance head is not yet fitted: its vb term converges more "
         "slowly than the mse term, so L_hybrid's likelihood advantage needs more steps than we trained."),

@@ -15,6 +15,7 @@ import torch
 
 from ..checkpoint import atomic_write_text
 from ..metrics import compute_metrics, extract_features, load_feature_extractor
+from ..metrics.frechet import fid_from_features
 from ..metrics.evaluate import split_real
 from .settings import ReproSettings
 
@@ -96,6 +97,17 @@ class Scorer:
         """Metrics of images ``[n, 1, 28, 28]`` in [-1, 1] against the reference set."""
         features = extract_features(images.clamp(-1, 1), self.extractor)
         return metrics_dict(compute_metrics(features, self.reference_features, kid_subset_size=1000, seed=seed))
+
+    def fid_spread(self, n: int) -> dict[str, float]:
+        """FID of every disjoint set of ``n`` held-out real images against the reference set: mean, standard
+        deviation and count of sets. The spread is the sampling noise of an FID at that count (for real images;
+        generated sets scatter similarly), so FID differences within about two standard deviations are ties."""
+        sets = len(self.held_out_index) // n
+        pixels = self.real[torch.as_tensor(self.held_out_index[:sets * n])].float() / 127.5 - 1.0
+        features = extract_features(pixels, self.extractor)
+        values = torch.tensor([fid_from_features(features[k * n:(k + 1) * n], self.reference_features)
+                               for k in range(sets)], dtype=torch.float64)
+        return {"mean": float(values.mean()), "std": float(values.std()), "sets": sets, "n": n}
 
     def floor(self, n: int) -> dict[str, float]:
         """The same metrics of the first ``n`` held-out real images (the floor at that count)."""

@@ -53,7 +53,10 @@ def all_stages(settings: ReproSettings) -> list[Stage]:
     from .ddim_tables import run_ddim_spacing, run_ddim_table, run_inversion_table, run_packaged_samplers
     from .speed import run_speed
 
-    stages = [Stage("ddim-table1", run_ddim_table, COMMON + ("ddim_steps", "ddim_etas"))]
+    stages = [Stage("fid-noise", lambda ctx: {"spread": [ctx.scorer.fid_spread(n) for n in
+                                                         sorted({settings.num_samples, settings.dps_images})]},
+                    ("seed", "num_samples", "dps_images")),
+              Stage("ddim-table1", run_ddim_table, COMMON + ("ddim_steps", "ddim_etas"))]
     stages += [_ddim_long_stage(eta) for eta in settings.ddim_long_etas]
     stages += [Stage("packaged-samplers", run_packaged_samplers, COMMON + ("ddim_steps", "respaced_steps")),
                Stage("ddim-spacing", run_ddim_spacing, COMMON + ("ddim_steps",)),

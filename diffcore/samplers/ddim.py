@@ -75,7 +75,10 @@ def ddim_invert(model: Model, diffusion: GaussianDiffusion, x0: torch.Tensor, *,
     sqrt(1 - abar_{t_0}) eps_hat(x0, t_0) (x0 taken as the state at t_0), then
     x_{t_{i+1}} = sqrt(abar_{t_{i+1}}) x0_hat(x_{t_i}) + sqrt(1 - abar_{t_{i+1}}) eps_hat(x_{t_i}). Reconstruct with
     ``ddim_sample(model, diffusion, x_T=result.sample, steps=steps, skip_type=skip_type, eta=0)``; the error
-    shrinks as the number of steps grows (both directions are first-order).
+    shrinks as the number of steps grows (both directions are first-order), as long as the kept timesteps avoid a
+    t with abar_t ~ 0: the cosine schedule's t = T - 1 (abar ~ 2e-9 with betas clipped at 0.999, kept by
+    ``steps=T``) makes decoding's first x0 estimate divide the encoder/decoder eps mismatch by sqrt(abar) and the
+    reconstruction blows up (docs/reproduction.md, Table 2); keep fewer steps or pass the timesteps explicitly.
 
     Args: x0 ``[B, C, ...]``; the rest as in :func:`ddim_sample`. Returns :class:`SampleResult` with ``sample``
     the latent ``[B, C, ...]`` and ``timesteps`` in increasing order.
