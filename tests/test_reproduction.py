@@ -49,7 +49,9 @@ def test_quick_preset_runs_every_stage_and_the_report_quotes_the_stored_numbers(
         row = [run for run in table1["runs"] if run["eta"] == eta]
         expected = f"| eta = {eta:g} | " + " | ".join(fmt(run["fid"]) for run in sorted(row, key=lambda r: r["steps"]))
         assert expected in report
-    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report) + re.findall(r'<img src="([^"]+)"', report)
+    assert len(links) >= 10
+    for link in links:
         assert (tmp_path / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
     assert "Not run yet" not in report
     # DPS: every task's row is there, and its PSNR matches the stored mean

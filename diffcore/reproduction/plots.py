@@ -30,8 +30,8 @@ def _save(fig, path: Path) -> Path:
 def line_plot(path: Path, series: Sequence[tuple[str, Sequence[float], Sequence[float], str]], *, xlabel: str,
               ylabel: str, title: str, logx: bool = False, logy: bool = False,
               hlines: Sequence[tuple[str, float]] = ()) -> Path:
-    """One axes: ``series`` of (label, xs, ys, matplotlib style such as "o-" or "s--"), optional horizontal
-    reference lines (label, y)."""
+    """One axes: ``series`` of (label, xs, ys, matplotlib format such as "o-", "s--" or "C1x--"), optional
+    horizontal reference lines (label, y). A logarithmic x axis is labelled at the data's x values."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, xs, ys, style in series:
@@ -40,6 +40,10 @@ def line_plot(path: Path, series: Sequence[tuple[str, Sequence[float], Sequence[
         ax.axhline(y, color="gray", linestyle=":", label=label)
     if logx:
         ax.set_xscale("log")
+        ticks = sorted({float(x) for _, xs, _, _ in series for x in xs})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
+        ax.minorticks_off()
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)

@@ -60,6 +60,17 @@ class Report:
     def figure(self, filename: str, caption: str) -> None:
         self.add(f"![{caption}]({self.rel}/{filename})", "")
 
+    def grid(self, filename: str, caption: str, scale: int = 3) -> None:
+        """A sample grid, shown ``scale`` times its pixel size (28 x 28 images are too small to judge)."""
+        from PIL import Image
+
+        path = self.ctx.figures / filename
+        if not path.is_file():
+            return self.add(f"*(missing picture {filename})*", "")
+        with Image.open(path) as picture:
+            width = picture.width * scale
+        self.add(f'<img src="{self.rel}/{filename}" width="{width}" alt="{caption}">', "")
+
     def missing(self, what: str, stage: str) -> None:
         self.add(f"*Not run yet: stage `{stage}` ({what}). Run `python scripts/reproduce.py --stages {stage}`.*", "")
 
@@ -121,7 +132,7 @@ def _ddim_table1(r: Report) -> None:
     lo, hi = min(s.ddim_etas), max(s.ddim_etas)
     shown = [(lo, min(steps)), (lo, max(cells(lo))), (hi, max(cells(hi)))]
     for eta, k in shown:
-        r.figure(f"table1_eta{eta:g}_S{k}.png", f"eta={eta:g}, S={k}")
+        r.grid(f"table1_eta{eta:g}_S{k}.png", f"eta={eta:g}, S={k}")
     r.add("Samples (first 16, same x_T): " + ", ".join(f"eta={eta:g} at S={k}" for eta, k in shown) + ".", "")
     per_eta = {eta: [fid[(eta, k)] for k in cells(eta)] for eta in s.ddim_etas}
     tol = r.fid_tolerance(s.num_samples)
@@ -173,7 +184,7 @@ def _ancestral_vs_ddim(r: Report) -> None:
     else:
         r.missing("DDIM with even spacing", "ddim-spacing")
     r.table(["FID", *[f"S = {k}" for k in steps]], rows)
-    r.figure(f"ancestral_S{max(steps)}.png", f"ancestral, S={max(steps)}")
+    r.grid(f"ancestral_S{max(steps)}.png", f"ancestral, S={max(steps)}")
     r.add(f"Ancestral samples at S = {max(steps)} (first 16).", "")
     few = [k for k in steps if k < 50]
     many = [k for k in steps if k >= 50]
@@ -208,7 +219,7 @@ def _inversion(r: Report) -> None:
               xlabel="steps S", ylabel="error per dimension ([-1, 1] pixels)", title="DDIM Table 2 analogue",
               logx=True, logy=True)
     r.figure("table2_error.png", "reconstruction error against S")
-    r.figure("table2_reconstructions.png", "inputs and reconstructions")
+    r.grid("table2_reconstructions.png", "inputs and reconstructions")
     r.add("Top row: inputs; then the reconstructions for each S in the table's order.", "")
     errors = [row["mse"]["mean"] for row in rows]
     agrees = decreasing(errors)
@@ -282,10 +293,10 @@ def _small_models(r: Report) -> None:
     r.table(header, rows)
     r.add("'final mse' is the mean of the last four logged training-loss means (eps mse, 50 steps each).", "")
     series = []
-    for name, d in done.items():
+    for index, (name, d) in enumerate(done.items()):
         fid = {(run["sampler"], run["steps"]): run["fid"] for run in d["samplers"]}
-        series.append((f"{name} ancestral", steps, [fid[("ddpm", k)] for k in steps], "o-"))
-        series.append((f"{name} DDIM", steps, [fid[("ddim", k)] for k in steps], "x--"))
+        series.append((f"{name} ancestral", steps, [fid[("ddpm", k)] for k in steps], f"C{index}o-"))
+        series.append((f"{name} DDIM", steps, [fid[("ddim", k)] for k in steps], f"C{index}x--"))
     line_plot(r.ctx.figures / "idpm_fid_steps.png", series, xlabel="sampling steps", ylabel="FID",
               title="I-DDPM Fig. 8 analogue (small models)", logx=True)
     r.figure("idpm_fid_steps.png", "FID against sampling steps for each small model")
@@ -297,7 +308,7 @@ def _small_models(r: Report) -> None:
               title="Training loss of the small models", logy=True)
     r.figure("idpm_train_mse.png", "training mse of the small models")
     for name in done:
-        r.figure(f"idpm_{name}_ancestral{max(steps)}.png", f"{name}, ancestral {max(steps)} steps")
+        r.grid(f"idpm_{name}_ancestral{max(steps)}.png", f"{name}, ancestral {max(steps)} steps")
     r.add(f"Samples, ancestral {max(steps)} steps, in the table's order: " + ", ".join(done) + ".", "")
     _small_model_claims(r, done, steps)
 
@@ -360,7 +371,7 @@ def _dps(r: Report) -> None:
     r.table(["task", "baseline", "PSNR input", "PSNR baseline", "PSNR DPS", "SSIM baseline", "SSIM DPS",
              "FID baseline", "FID DPS", "FID floor", "DPS+baseline s"], rows)
     for task in done:
-        r.figure(f"dps_{task}.png", f"DPS on {task}")
+        r.grid(f"dps_{task}.png", f"DPS on {task}")
     r.add("Each picture: ground truth, the degraded input (where it is an image), the baseline, DPS.", "")
     tol = r.fid_tolerance(s.dps_images)
     fid_verdicts = {t: lower(d["fid"]["restored"]["fid"], d["fid"]["baseline"]["fid"], tol) for t, d in done.items()}
