@@ -291,7 +291,15 @@ def _small_models(r: Report) -> None:
                      fmt(final_mse), f"{d['bpd']['bpd']:.3f} +- {d['bpd']['sem']:.3f}"]
                     + [fmt(fid.get(("ddpm", k))) for k in steps] + [fmt(fid.get(("ddim", k))) for k in steps])
     r.table(header, rows)
-    r.add("'final mse' is the mean of the last four logged training-loss means (eps mse, 50 steps each).", "")
+    r.add("'final mse' is the mean of the last four logged training-loss means (eps mse); it does not compare "
+          "across schedules, which weight the timesteps differently.", "")
+    ddim_fid = {d["schedule"]: [] for d in done.values()}
+    for d in done.values():
+        ddim_fid[d["schedule"]] += [run["fid"] for run in d["samplers"] if run["sampler"] == "ddim"]
+    if ddim_fid.get("cosine") and ddim_fid.get("linear") and min(ddim_fid["cosine"]) > max(ddim_fid["linear"]):
+        r.add("DDIM (uniform spacing) does worse on every cosine model than on every linear one, while ancestral "
+              "sampling does better on cosine: DDIM's first step t = T - T/S keeps a larger share of the image "
+              "under the cosine schedule (see section 2).", "")
     series = []
     for index, (name, d) in enumerate(done.items()):
         fid = {(run["sampler"], run["steps"]): run["fid"] for run in d["samplers"]}
@@ -450,8 +458,8 @@ def _footer(r: Report) -> None:
     rows = [[name, rec["finished"], rec["seconds"], rec["machine"]["torch_threads"], rec["machine"]["cpu"]]
             for name, rec in r.records.items()]
     r.table(["stage", "finished", "seconds", "torch threads", "CPU"], rows)
-    r.add("Stages ran side by side on the same 2-core machine (two single-thread processes), so their seconds "
-          "include contention; only section 6 was measured alone.", "")
+    r.add("Seconds are wall-clock time of each stage on the machine named, where other stages may have run "
+          "alongside; the speed stage (section 6) is meaningful only when run alone.", "")
 
 
 def write_report(ctx: Context, stages: Sequence[Stage], path: "str | Path") -> Path:
