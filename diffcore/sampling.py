@@ -11,14 +11,15 @@ given. With ``model=None`` the packaged default model is loaded through ``diffco
 from __future__ import annotations
 
 import importlib
+import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
+from .checkpoint import atomic_write_bytes
 from .diffusion import GaussianDiffusion, Model
 from .ops import Impl
 from .respace import SkipType
@@ -146,8 +147,9 @@ def save_image_grid(images: torch.Tensor, path: "str | os.PathLike", *, nrow: Op
     """Write images ``[N, C, H, W]`` (or one ``[C, H, W]``) in [-1, 1], C = 1 or 3, as one PNG grid.
 
     ``nrow`` images per row (default ceil(sqrt(N))), ``padding`` pixels between and around them filled with
-    ``pad_value`` (in [-1, 1]; -1 is black). The file is written atomically (a temporary file in the same folder,
-    then os.replace); missing parent folders are created. Returns the path.
+    ``pad_value`` (in [-1, 1]; -1 is black). The file is written atomically
+    (:func:`diffcore.checkpoint.atomic_write_bytes`: a temporary file in the same folder, then os.replace); missing
+    parent folders are created. Returns the path.
     """
     from PIL import Image
 
@@ -173,15 +175,7 @@ def save_image_grid(images: torch.Tensor, path: "str | os.PathLike", *, nrow: Op
     picture = Image.fromarray(pixels[:, :, 0] if C == 1 else pixels)  # uint8: "L" for 2-D, "RGB" for H x W x 3
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            picture.save(file, format="PNG")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
     return path

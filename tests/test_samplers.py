@@ -381,6 +381,9 @@ def test_save_image_grid_round_trip(tmp_path):
     images = torch.rand(5, 3, 6, 7, generator=g) * 2 - 1
     path = save_image_grid(images, tmp_path / "sub" / "grid.png", nrow=3, padding=1)
     assert os.listdir(tmp_path / "sub") == ["grid.png"]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's 0600
     pixels = np.asarray(Image.open(path))
     assert pixels.shape == (2 * 7 + 1, 3 * 8 + 1, 3)
     expected = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
