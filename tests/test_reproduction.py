@@ -122,7 +122,8 @@ def test_table1_claims_follow_the_stored_numbers(tmp_path, paper_like):
         assert "No checked trend is contradicted beyond the noise." in text
     else:
         assert steps_row.endswith("| **no** |") and eta_row.endswith("| **no** |")
-        assert "eta=1: 10.0 > 12.0" in steps_row
+        assert "rises with S beyond noise for eta=1: eta=0: 20.0, 5.00; eta=1: 10.0, 12.0" in steps_row
+        assert "eta = 1 from S = 10 to 100 (10.0 -> 12.0)" in text  # the computed explanation
         assert "Where we disagree" in text and "stochasticity" in text
     assert "Not run yet: stage `ddim-table2`" in text  # the stages without results say so
 

@@ -66,9 +66,8 @@ def verdict(agrees: Optional[bool]) -> str:
 #: Why a claim may not hold here: printed under "Where we disagree" for each claim whose check fails.
 EXPLANATIONS = {
     "ddim-steps": (
-        "The packaged model was trained for only 6000 steps on a CPU; its x0 predictions are poor, and at the "
-        "sample counts used here FID differences of a few units are within the noise of the estimate (compare "
-        "with the floor)."),
+        "A weakly trained model's sampler can stop improving with more steps once its own errors, not the "
+        "discretization, dominate."),
     "ddim-eta": (
         "The DDIM paper's eta ordering comes from well-trained CIFAR-10 / CelebA models. With a weak model, the "
         "fresh noise that eta > 0 injects corrects part of the accumulated error of the deterministic path (the "

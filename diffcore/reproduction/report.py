@@ -139,11 +139,24 @@ def _ddim_table1(r: Report) -> None:
     bad = [f"eta={eta:g}" for eta, values in per_eta.items() if not decreasing(values, tol)]
     steps_trend = (False if bad else
                    None if any(values[0] - values[-1] <= tol for values in per_eta.values()) else True)
+    rises = []
+    for eta in s.ddim_etas:
+        ks = cells(eta)
+        rises += [f"eta = {eta:g} from S = {a} to {b} ({fmt(fid[(eta, a)])} -> {fmt(fid[(eta, b)])})"
+                  for a, b in zip(ks, ks[1:]) if fid[(eta, b)] > fid[(eta, a)] + tol]
+    steps_explanation = None
+    if rises:
+        steps_explanation = (
+            "FID rises beyond the noise for " + "; ".join(rises) + ". With many steps the deterministic sampler "
+            "integrates the learned probability-flow ODE almost exactly, so its FID becomes that of the model's "
+            "ODE rather than of a discretization; that it is worse than with fewer steps says this weakly trained "
+            "model's ODE transports noise to data less well than its stochastic counterparts (next claims), which "
+            "keep improving. The DDIM paper's well-trained models improve up to S = 1000. Not isolated further.")
     r.claims.append(Claim("ddim-steps", "FID falls as S grows, for every eta (Table 1)",
                           "FID falls with S for every eta (within noise)" if not bad else
                           f"rises with S beyond noise for {', '.join(bad)}: " + "; ".join(
-                              f"eta={eta:g}: " + " > ".join(fmt(v) for v in per_eta[eta]) for eta in s.ddim_etas),
-                          steps_trend))
+                              f"eta={eta:g}: " + ", ".join(fmt(v) for v in per_eta[eta]) for eta in s.ddim_etas),
+                          steps_trend, steps_explanation))
     small = min(steps)
     at_small = [fid[(eta, small)] for eta in s.ddim_etas]
     eta_trend = (False if not increasing(at_small, tol) else
@@ -439,6 +452,14 @@ def _speed(r: Report) -> None:
           f"torch {machine['torch']}; wall time of whole sampling calls, median of the repeats. The U-Net "
           f"({data['parameters']:,} parameters) dominates every step on the CPU; the fused step ops' own gains are "
           f"in bench/RESULTS.md.", "")
+    by_name = {row["config"]: row for row in data["rows"]}
+    fused = next((row for name, row in by_name.items() if name.startswith("DDIM eta=0, 50 steps")
+                  and "reference" not in name), None)
+    reference = next((row for name, row in by_name.items() if "reference" in name), None)
+    if fused and reference:
+        r.add(f"DDIM-50 with the fused step ops: {fused['images_per_s']:.2f} images/s, with the pure-torch "
+              f"reference ops: {reference['images_per_s']:.2f} images/s: on this model and machine the step ops are "
+              f"too small a share of a step for their speed-up to show.", "")
     r.table(["configuration", "network evaluations", "repeats", "seconds", "images/s", "ms per image per step"],
             [[row["config"], row["network_evaluations"], row["repeats"], f"{row['seconds']:.2f}",
               f"{row['images_per_s']:.2f}", f"{row['ms_per_image_step']:.2f}"] for row in data["rows"]])
