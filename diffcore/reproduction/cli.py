@@ -1,6 +1,6 @@
 """``python scripts/reproduce.py`` / ``python -m diffcore.reproduction``: run the stages, then write the report.
 
-    python scripts/reproduce.py                       # everything, full sizes (about an hour on 2 CPU cores)
+    python scripts/reproduce.py                       # everything, full sizes (hours on a CPU)
     python scripts/reproduce.py --stages ddim-table1  # one stage (stored results of the others are kept)
     python scripts/reproduce.py --report-only         # rewrite docs/reproduction.md from stored results
 """
