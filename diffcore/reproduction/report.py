@@ -37,6 +37,9 @@ class Report:
             self.rel = ctx.figures.resolve().as_posix()
 
     def result(self, name: str) -> Optional[dict[str, Any]]:
+        """The stored data of stage ``name`` when its settings fingerprint matches (read once), else None."""
+        if name in self.records:
+            return self.records[name]["data"]
         stage = self.stages.get(name)
         if stage is None:
             return None
