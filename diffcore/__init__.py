@@ -9,8 +9,8 @@ from .types import PredictionType, VarianceType  # noqa: E402
 
 # imported on first use: name -> (module, attribute or None for the module itself)
 _LAZY_EXPORTS = {
-    "sample": (".sampling", "sample"),
-    "save_image_grid": (".sampling", "save_image_grid"),
+    "sample": (".pipelines.sample", "sample"),
+    "save_image_grid": (".images", "save_image_grid"),
     "GaussianDiffusion": (".diffusion", "GaussianDiffusion"),
     "make_schedule": (".schedules", "make_schedule"),
     "UNet": (".unet", "UNet"),
@@ -23,6 +23,8 @@ _LAZY_EXPORTS = {
     "train": (".train", None),
     "checkpoint": (".checkpoint", None),
     "pretrained": (".pretrained", None),
+    "pipelines": (".pipelines", None),
+    "images": (".images", None),
 }
 
 __all__ = ["ops", "reference", "build_info", "PredictionType", "VarianceType", "__version__", *_LAZY_EXPORTS]

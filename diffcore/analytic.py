@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .diffusion import GaussianDiffusion, Model
-from .reference import formulas as F
+from .reference import formulas
 from .types import PredictionType, VarianceType
 
 __all__ = ["GaussianData"]
@@ -89,10 +89,10 @@ class GaussianData:
             elif diffusion.prediction_type == PredictionType.X0:
                 out = self.x0(x, t)
             else:
-                out = F.v_target(self.x0(x, t), self.eps(x, t), a)
+                out = formulas.v_target(self.x0(x, t), self.eps(x, t), a)
             if diffusion.variance_type.is_learned:
                 index = t.cpu() if timestep_map is None else torch.searchsorted(timestep_map, t.cpu())
-                tables = F.gather_tables(abar_run, index)
+                tables = formulas.gather_tables(abar_run, index)
                 c1 = tables.posterior_mean_coef1[:, None]
                 true_var = posterior_variance[index][:, None] + c1**2 * self.x0_variance_diag(t)
                 log_var = true_var.log()

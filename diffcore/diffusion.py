@@ -2,10 +2,15 @@
 training losses and the variational bound in bits per dimension.
 
 Shapes: images (or any data) are ``[B, C, ...]`` (``[B, D]`` works too); timesteps ``t`` are int64 ``[B]``
-indices into this process's tables, and a model is a callable ``model(x, t_model, **model_kwargs)`` that
-receives the *original* timesteps (:meth:`GaussianDiffusion.model_timesteps`, the identity unless the process
-was respaced) and returns ``[B, C, ...]``, or ``[B, 2C, ...]`` (prediction then variance output) for learned
-variances. Arithmetic is float32 (float64 for float64 inputs) with per-sample coefficients computed in float64.
+indices into this process's tables. Arithmetic is float32 (float64 for float64 inputs) with per-sample
+coefficients computed in float64.
+
+The model calling convention (every sampler, DPS, training and the bound go through
+:meth:`GaussianDiffusion.call_model`): ``model(x, t_model, **model_kwargs)`` receives the *original* timesteps
+(:meth:`GaussianDiffusion.model_timesteps`, the identity unless the process was respaced) and returns
+``[B, C, ...]``, or ``[B, 2C, ...]`` (prediction then variance output) for learned variances; either as a tensor
+or wrapped as diffusers' models return it (:func:`model_output_tensor`). :func:`split_model_output` is the one
+check of an output's shape.
 
 Every formula comes from :mod:`diffcore.reference.formulas` or :mod:`diffcore.ops`; this module composes them.
 """
@@ -14,24 +19,26 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from . import ops
 from .ops import Impl
-from .reference import formulas as F
+from .reference import formulas
 from .reference.ops import compute_dtype
 from .respace import SkipType, StepsSpec, resolve_timesteps, respace_schedule
-from .schedules import NoiseSchedule
-from .types import PredictionType, VarianceType, _parse, as_prediction_type, as_variance_type
+from .schedules import NoiseSchedule, schedule_from_diffusers_config
+from .types import PredictionType, VarianceType, as_prediction_type, as_variance_type, parse_enum
 
-#: ``model(x [B, C, ...], t int64 [B] original timesteps, **model_kwargs) -> [B, C or 2C, ...]``
-Model = Callable[..., torch.Tensor]
+#: ``model(x [B, C, ...], t int64 [B] original timesteps, **model_kwargs) -> [B, C or 2C, ...]`` (a tensor, or
+#: wrapped: see :func:`model_output_tensor`)
+Model = Callable[..., Any]
 
-__all__ = ["LossType", "as_loss_type", "Model", "GaussianDiffusion", "PosteriorMeanVariance", "ModelMeanVariance",
-           "TrainingLosses", "BpdResult", "mean_flat", "log2_bin_width"]
+__all__ = ["LossType", "as_loss_type", "Model", "model_output_tensor", "split_model_output", "GaussianDiffusion",
+           "PosteriorMeanVariance", "ModelMeanVariance", "TrainingLosses", "BpdResult", "mean_flat",
+           "log2_bin_width"]
 
 
 class LossType(enum.IntEnum):
@@ -49,9 +56,59 @@ class LossType(enum.IntEnum):
 
 def as_loss_type(value: "LossType | str | int") -> LossType:
     """Parse ``"mse" | "rescaled_mse" | "hybrid" | "kl" | "rescaled_kl"`` (or the enum) into a :class:`LossType`."""
-    if isinstance(value, str) and value.strip().lower() == "hybrid":
-        return LossType.RESCALED_MSE
-    return _parse(LossType, value, "loss_type")
+    return parse_enum(LossType, value, "loss_type", {"hybrid": LossType.RESCALED_MSE})
+
+
+def model_output_tensor(output: Any) -> torch.Tensor:
+    """The tensor in what a model returned: a tensor itself; ``output["sample"]`` of a dict (diffusers' outputs
+    are dicts too); the first element of a tuple or list (``return_dict=False``); ``output.sample`` of an object
+    that has it (diffusers' ``UNet2DOutput``). Anything else is a TypeError naming the model."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        found = output.get("sample")
+    elif isinstance(output, (tuple, list)):
+        found = output[0] if output else None
+    else:
+        found = getattr(output, "sample", None)
+    if not isinstance(found, torch.Tensor):
+        raise TypeError(f"model output: expected a torch.Tensor, an object with a .sample tensor (diffusers' "
+                        f"UNet2DOutput), a tuple whose first element is the tensor or a dict with 'sample', "
+                        f"got {type(output).__name__}")
+    return found
+
+
+def split_model_output(output: torch.Tensor, x: torch.Tensor, variance_type: Optional[VarianceType] = None,
+                       what: str = "model output") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Check a model output against ``x`` ``[B, C, ...]`` and split it: (prediction ``[B, C, ...]``, variance
+    channels ``[B, C, ...]`` or None).
+
+    With a ``variance_type`` the output must be ``[B, 2C, ...]`` (learned variances: the prediction, then the
+    variance output) or ``[B, C, ...]`` (fixed); with None (a wrapper that does not know the process, such as the
+    guidance wrappers) either is accepted and the shape tells which. Shapes only: no value is read. Anything
+    else raises a ValueError (TypeError for a non-tensor) that names ``what``, the expected and the given shape.
+    """
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(output).__name__}")
+    learned = None if variance_type is None else variance_type.is_learned
+    got, shape = output.shape, x.shape
+    if learned is not True and got == shape:
+        return output, None
+    if learned is not False and len(shape) >= 2 and len(got) == len(shape) and got[0] == shape[0] \
+            and got[1] == 2 * shape[1] and got[2:] == shape[2:]:
+        return output[:, :shape[1]], output[:, shape[1]:]
+    shape, got = tuple(shape), tuple(got)
+    twice = shape[:1] + (2 * shape[1],) + shape[2:] if len(shape) >= 2 else None
+    if learned is None:
+        expected = f"{shape}" + (f" or {twice} (learned variance)" if twice else "")
+        raise ValueError(f"{what}: expected shape {expected} for x of shape {shape}, got {got}")
+    if learned and twice is None:
+        raise ValueError(f"x: a learned variance needs a channel dimension (dim 1), got shape {shape}")
+    what_channels = ("2C channels: the prediction, then the variance output; build the model with "
+                     "learn_sigma=True or use a fixed variance type") if learned else \
+        "C channels like x; a 2C-channel (learned-variance) model needs variance_type 'learned_range'"
+    raise ValueError(f"{what}: expected shape {twice if learned else shape} for variance_type="
+                     f"{variance_type.name.lower()!r} ({what_channels}), got {got}")
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +178,7 @@ class BpdResult:
 
 
 def _coef(values: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return F.per_sample(values, like).to(dtype)
+    return formulas.per_sample(values, like).to(dtype)
 
 
 class GaussianDiffusion:
@@ -211,36 +268,23 @@ class GaussianDiffusion:
         return wrapped
 
     # -- model outputs -----------------------------------------------------------------------------------------
-    def check_model_output(self, model_output: Any, x: torch.Tensor) -> None:
-        """Raise a clear error unless ``model_output`` is ``[B, C, ...]`` (fixed variance) or ``[B, 2C, ...]``
-        (learned variance) for ``x`` of shape ``[B, C, ...]``."""
-        learned = self.variance_type.is_learned
-        if not isinstance(model_output, torch.Tensor):
-            raise TypeError(f"model output: expected a torch.Tensor, got {type(model_output).__name__}")
-        expected = list(x.shape)
-        if learned:
-            if x.dim() < 2:
-                raise ValueError(f"x: a learned variance needs a channel dimension (dim 1), got shape {tuple(x.shape)}")
-            expected[1] *= 2
-        if list(model_output.shape) != expected:
-            vt = self.variance_type.name.lower()
-            what = ("2C channels: the prediction, then the variance output; build the model with learn_sigma=True "
-                    "or use a fixed variance type") if learned else \
-                "C channels like x; a 2C-channel (learned-variance) model needs variance_type 'learned_range'"
-            raise ValueError(f"model output: expected shape {tuple(expected)} for variance_type={vt!r} ({what}), "
-                             f"got {tuple(model_output.shape)}")
-
     def call_model(self, model: Model, x: torch.Tensor, t: torch.Tensor,
                    model_kwargs: Optional[dict] = None) -> torch.Tensor:
-        """``model(x, original t, **model_kwargs)``, its output checked against the variance type."""
-        out = model(x, self.model_timesteps(t), **(model_kwargs or {}))
-        self.check_model_output(out, x)
+        """``model(x, original t, **model_kwargs)``: the one place where diffcore calls a model.
+
+        The output is unwrapped (:func:`model_output_tensor`), checked against the variance type
+        (:func:`split_model_output`, shapes only) and cast to x's dtype (differentiably). Returns
+        ``[B, C, ...]`` or ``[B, 2C, ...]`` (learned variances); split it with :meth:`split_output`.
+        """
+        out = model_output_tensor(model(x, self.model_timesteps(t), **(model_kwargs or {})))
+        split_model_output(out, x, self.variance_type)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out
 
     def split_output(self, model_output: torch.Tensor, channels: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(prediction ``[B, C, ...]``, variance output ``[B, C, ...]`` or None for fixed variances)."""
+        """(prediction ``[B, C, ...]``, variance output ``[B, C, ...]`` or None for fixed variances) of an output
+        already checked by :meth:`call_model` (slicing only)."""
         if self.variance_type.is_learned:
             return model_output[:, :channels], model_output[:, channels:]
         return model_output, None
@@ -253,7 +297,7 @@ class GaussianDiffusion:
         """
         dt = compute_dtype(x_t)
         abar = _coef(self.alphas_cumprod[t], x_t, dt)
-        x0, eps = F.predict_x0_eps(prediction.to(dt), x_t.to(dt), abar, self.prediction_type, clip_denoised)
+        x0, eps = formulas.predict_x0_eps(prediction.to(dt), x_t.to(dt), abar, self.prediction_type, clip_denoised)
         return x0, eps
 
     # -- the forward process -----------------------------------------------------------------------------------
@@ -261,7 +305,7 @@ class GaussianDiffusion:
         """q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I): (mean ``[B, ...]``, variance, log_variance
         ``[B, 1, ..., 1]``)."""
         dt = compute_dtype(x0)
-        abar = F.per_sample(self.alphas_cumprod[t], x0)
+        abar = formulas.per_sample(self.alphas_cumprod[t], x0)
         return (abar.sqrt().to(dt) * x0.to(dt), (1.0 - abar).to(dt), torch.log(1.0 - abar).to(dt))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None, *,
@@ -276,7 +320,7 @@ class GaussianDiffusion:
     def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> PosteriorMeanVariance:
         """q(x_{t-1} | x_t, x0) (DDPM eq. 6-7): mean = c1 x0 + c2 x_t, variance beta~_t."""
         dt = compute_dtype(x_t)
-        tables = F.gather_tables(self.alphas_cumprod, t)
+        tables = formulas.gather_tables(self.alphas_cumprod, t)
         mean = _coef(tables.posterior_mean_coef1, x_t, dt) * x0.to(dt) + \
             _coef(tables.posterior_mean_coef2, x_t, dt) * x_t.to(dt)
         variance = _coef(self.schedule.posterior_variance[t], x_t, dt)
@@ -295,16 +339,16 @@ class GaussianDiffusion:
                 raise ValueError("model: expected a callable when model_output is not given, got None")
             model_output = self.call_model(model, x_t, t, model_kwargs)
         else:
-            self.check_model_output(model_output, x_t)
+            split_model_output(model_output, x_t, self.variance_type)
         dt = compute_dtype(x_t)
         channels = x_t.shape[1] if x_t.dim() > 1 else 0
         prediction, var_output = self.split_output(model_output, channels)
         x0_hat, eps_hat = self.predict_x0_eps(prediction, x_t, t, clip_denoised)
-        tables = F.gather_tables(self.alphas_cumprod, t)
+        tables = formulas.gather_tables(self.alphas_cumprod, t)
         mean = _coef(tables.posterior_mean_coef1, x_t, dt) * x0_hat + \
             _coef(tables.posterior_mean_coef2, x_t, dt) * x_t.to(dt)
         var_output = None if var_output is None else var_output.to(dt)
-        log_var = F.model_log_variance(self.variance_type, tables, var_output, x_t).to(dt)
+        log_var = formulas.model_log_variance(self.variance_type, tables, var_output, x_t).to(dt)
         return ModelMeanVariance(mean, log_var.exp(), log_var, x0_hat, eps_hat, model_output)
 
     def vb_terms_bpd(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
@@ -320,16 +364,18 @@ class GaussianDiffusion:
         elif detach_mean:
             model_output = model_output.detach()
         pmv = self.p_mean_variance(None, x_t, t, clip_denoised=clip_denoised, model_output=model_output)
-        kl = F.normal_kl(true.mean, true.log_variance, pmv.mean, pmv.log_variance) / F.LOG2
-        nll = -F.discretized_gaussian_log_likelihood(x0.to(pmv.mean.dtype), pmv.mean, 0.5 * pmv.log_variance) / F.LOG2
-        at_zero = F.per_sample(t == 0, x_t)
+        kl = formulas.normal_kl(true.mean, true.log_variance, pmv.mean, pmv.log_variance) / formulas.LOG2
+        nll = -formulas.discretized_gaussian_log_likelihood(x0.to(pmv.mean.dtype), pmv.mean,
+                                                            0.5 * pmv.log_variance) / formulas.LOG2
+        at_zero = formulas.per_sample(t == 0, x_t)
         return mean_flat(torch.where(at_zero, nll, kl)), pmv
 
     def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
         """KL(q(x_{T-1} | x0) || N(0, I)) in bits/dim, ``[B]`` (the bound's prior term)."""
         t = torch.full((x0.shape[0],), self.num_timesteps - 1, dtype=torch.int64, device=x0.device)
         mean, _, log_var = self.q_mean_variance(x0, t)
-        return mean_flat(F.normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))) / F.LOG2
+        zeros = torch.zeros_like(mean)
+        return mean_flat(formulas.normal_kl(mean, log_var, zeros, zeros)) / formulas.LOG2
 
     # -- training and evaluation ------------------------------------------------------------------------------
     def training_losses(self, model: Model, x0: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
@@ -358,7 +404,7 @@ class GaussianDiffusion:
         dt = compute_dtype(x0)
         prediction, _ = self.split_output(out, x0.shape[1] if x0.dim() > 1 else 0)
         abar = _coef(self.alphas_cumprod[t], x0, dt)
-        target = F.training_target(x0.to(dt), noise.to(dt), abar, self.prediction_type)
+        target = formulas.training_target(x0.to(dt), noise.to(dt), abar, self.prediction_type)
         mse = mean_flat((prediction.to(dt) - target) ** 2)
         if not self.loss_type.is_kl:
             return TrainingLosses(mse, mse, None, x_t, noise)
@@ -394,6 +440,29 @@ class GaussianDiffusion:
             mse[:, t_index] = mean_flat((pmv.pred_eps - noise.to(dt)) ** 2)
         prior = self.prior_bpd(x0).to(dt)
         return BpdResult(vb.sum(dim=1) + prior, prior, vb, xstart_mse, mse)
+
+    @classmethod
+    def from_diffusers_config(cls, config: "Mapping[str, Any]") -> "GaussianDiffusion":
+        """The process a diffusers scheduler config describes (a dict: ``scheduler.config`` or the parsed
+        ``scheduler_config.json`` of DDPMScheduler / DDIMScheduler / ...); tables float64 on the CPU, loss mse.
+
+        The betas: :func:`diffcore.schedules.schedule_from_diffusers_config`. ``prediction_type`` ``epsilon`` /
+        ``sample`` / ``v_prediction`` (diffcore's eps / x0 / v); ``variance_type`` ``fixed_small``
+        (``fixed_small_log``), ``fixed_large`` (``fixed_large_log``), ``learned`` or ``learned_range``; one
+        difference: diffusers' fixed_large uses beta_0 at t = 0, diffcore (improved-diffusion) beta~_1. The
+        sampler settings of a scheduler (``clip_sample``, ``timestep_spacing``, ...) are not part of the process:
+        pass them to diffcore's samplers. Errors name the config field (ValueError).
+        """
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config: expected a dict (a diffusers scheduler config), got {type(config).__name__}")
+        variance = config.get("variance_type") or "fixed_small"
+        variance = variance[:-len("_log")] if variance in ("fixed_small_log", "fixed_large_log") else variance
+        try:
+            prediction = as_prediction_type(config.get("prediction_type", "epsilon"))
+            variance_type = as_variance_type(variance)
+        except ValueError as error:
+            raise ValueError(f"scheduler config {error}") from None
+        return cls(schedule_from_diffusers_config(config), prediction, variance_type)
 
 
 def log2_bin_width() -> float:

@@ -11,6 +11,16 @@ Noise for the steps is either passed in (``noise``) or drawn inside the kernel f
 ``seed`` at counter ``offset``; the same ``(seed, offset)`` gives the same noise on CPU, CUDA and the
 reference (up to float rounding of the Box-Muller transform). With neither given, a seed is drawn from
 ``generator`` (or torch's default CPU generator), which needs no device sync.
+
+Every argument is checked before anything runs, and an error names the argument, what was expected and what
+came. ``check_values=False`` skips reading the timestep values back (a device sync on CUDA): on CPU they are
+still checked, without a Python-level read, so both paths raise; on CUDA unchecked out-of-range timesteps are
+clamped into range by the kernels and the reference alike. ``torch.ops.diffcore.*`` called directly checks the same in C++, and its fake (meta)
+implementations check the same again (devices, shapes, dtypes, enums) for FakeTensor / torch.compile tracing.
+
+Gradients: q_sample, ddim_step and ddpm_step are differentiable in every tensor input on both paths (the fused
+backward is the reference's, see :mod:`diffcore.reference.autograd`); hybrid_loss differentiates model_output
+only and raises if a backward pass reaches x0, x_t, noise or alphas_cumprod.
 """
 from __future__ import annotations
 
@@ -25,7 +35,7 @@ from .types import PredictionType, VarianceType, as_prediction_type, as_variance
 
 Impl = Literal["auto", "fused", "reference"]
 
-__all__ = ["q_sample", "ddim_step", "ddpm_step", "hybrid_loss", "which_impl", "fused_available", "Impl"]
+__all__ = ["q_sample", "ddim_step", "ddpm_step", "hybrid_loss", "which_impl", "fused_available", "check_seed", "Impl"]
 
 
 def fused_available(device: "torch.device | str" = "cpu") -> bool:
@@ -54,16 +64,29 @@ def which_impl(device: "torch.device | str | torch.Tensor", impl: Impl = "auto")
     return "fused" if available else "reference"
 
 
-def _seed_and_offset(noise, seed, offset, generator) -> tuple[int, int]:
-    if noise is not None:
+def check_seed(seed: int) -> int:
+    """``seed`` as the ops take it: an int in [0, 2**63) (the error names the argument)."""
+    return V.check_int64("seed", seed)
+
+
+def _seed_and_offset(noise, seed, offset, generator, draws: bool = True) -> tuple[int, int]:
+    """The (seed, offset) handed to the op, both checked even when unused; (0, 0) when noise is given or the step
+    draws none (``draws=False``: DDIM with eta = 0)."""
+    offset = V.check_int64("offset", offset)
+    if seed is not None:
+        seed = V.check_int64("seed", seed)
+    if noise is not None or not draws:
         return 0, 0
-    if offset < 0:
-        raise ValueError(f"offset: expected >= 0, got {offset}")
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    elif not 0 <= seed < 2**63:
-        raise ValueError(f"seed: expected an int in [0, 2**63), got {seed}")
     return seed, offset
+
+
+def _dispatch_validated(name: str, x: torch.Tensor, impl: Impl, args: tuple):
+    """Call op ``name`` on the fused path when it is built for x's device (or ``impl="fused"``), else on the
+    reference, with arguments a sampling loop already checked."""
+    fused = impl == "fused" or (impl == "auto" and fused_available(x.device))
+    return getattr(torch.ops.diffcore if fused else reference, name)(*args)
 
 
 def _check_noise(noise, x):
@@ -72,11 +95,15 @@ def _check_noise(noise, x):
 
 
 def q_sample(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, *,
-             impl: Impl = "auto", check_values: bool = True) -> torch.Tensor:
+             impl: Impl = "auto", check_values: bool = True, validated: bool = False) -> torch.Tensor:
     """Forward noising q(x_t | x0): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise.
 
     Args: x0, noise ``[B, ...]``; t int64 ``[B]``; alphas_cumprod float64 ``[T]``. Returns x_t like x0.
+    ``validated=True`` skips the Python checks (see :func:`ddim_step`).
     """
+    if validated:
+        fused = impl == "fused" or (impl == "auto" and fused_available(x0.device))
+        return (torch.ops.diffcore.q_sample if fused else reference.q_sample)(x0, noise, t, alphas_cumprod)
     V.check_float("x0", x0)
     V.check_same("noise", noise, "x0", x0)
     V.check_table("alphas_cumprod", alphas_cumprod, "x0", x0)
@@ -91,7 +118,7 @@ def ddim_step(x: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, t_pr
               prediction_type: "PredictionType | str" = PredictionType.EPS, clip_denoised: bool = False,
               noise: Optional[torch.Tensor] = None, seed: Optional[int] = None, offset: int = 0,
               generator: Optional[torch.Generator] = None, impl: Impl = "auto",
-              check_values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+              check_values: bool = True, validated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized DDIM update (DDIM eq. 12) from t to t_prev, per sample; returns (x_prev, pred_x0).
 
     sigma = eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t / abar_s);
@@ -101,9 +128,18 @@ def ddim_step(x: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, t_pr
 
     Args: x ``[B, ...]``; model_output like x (eps, x0 or v per ``prediction_type``); t, t_prev int64 ``[B]``;
     eta >= 0. Returns two tensors like x.
+
+    ``validated=True`` is for sampling loops that checked their arguments once before the loop (the samplers
+    do): it skips every Python-level check and reads nothing back; ``prediction_type`` must then be a
+    :class:`PredictionType`, ``seed`` an int when ``noise`` is None and ``eta > 0``, and ``impl`` "auto" or a path
+    known to exist. The C++ op still checks devices, shapes and dtypes.
     """
-    if not eta >= 0.0:
-        raise ValueError(f"eta: expected a float >= 0, got {eta}")
+    if validated:
+        args = (x, model_output, t, t_prev, alphas_cumprod, float(eta), int(prediction_type), bool(clip_denoised),
+                noise, 0 if seed is None else seed, offset)
+        return _dispatch_validated("ddim_step", x, impl, args)
+    eta = V.check_eta(eta)
+    clip_denoised = V.check_flag("clip_denoised", clip_denoised)
     prediction_type = as_prediction_type(prediction_type)
     V.check_float("x", x)
     V.check_channels("model_output", model_output, "x", x, learned=False)
@@ -112,8 +148,8 @@ def ddim_step(x: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, t_pr
     V.check_timesteps("t", t, x.shape[0], T, "x", x, check_values=check_values)
     V.check_timesteps("t_prev", t_prev, x.shape[0], T, "x", x, allow_negative=True, check_values=check_values)
     _check_noise(noise, x)
-    seed, offset = _seed_and_offset(noise, seed, offset, generator) if eta > 0 else (0, 0)
-    args = (x, model_output, t, t_prev, alphas_cumprod, float(eta), int(prediction_type), bool(clip_denoised),
+    seed, offset = _seed_and_offset(noise, seed, offset, generator, draws=eta > 0)
+    args = (x, model_output, t, t_prev, alphas_cumprod, eta, int(prediction_type), clip_denoised,
             noise, seed, offset)
     if which_impl(x, impl) == "fused":
         return torch.ops.diffcore.ddim_step(*args)
@@ -125,22 +161,28 @@ def ddpm_step(x: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, alph
               variance_type: "VarianceType | str" = VarianceType.FIXED_SMALL, clip_denoised: bool = False,
               noise: Optional[torch.Tensor] = None, seed: Optional[int] = None, offset: int = 0,
               generator: Optional[torch.Generator] = None, impl: Impl = "auto",
-              check_values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+              check_values: bool = True, validated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One ancestral step x_{t-1} = mu~(x0_hat, x_t) + [t > 0] exp(0.5 log sigma^2) z; returns (x_prev, pred_x0).
 
     Args: x ``[B, C, ...]``; model_output ``[B, C, ...]`` for fixed variances or ``[B, 2C, ...]`` (prediction,
     then variance output v) for ``learned_range`` / ``learned``; t int64 ``[B]``; alphas_cumprod float64 ``[T]``
-    with T >= 2.
+    with T >= 2. ``validated=True``: as in :func:`ddim_step` (``variance_type`` a :class:`VarianceType`, ``seed``
+    an int when ``noise`` is None).
     """
+    if validated:
+        args = (x, model_output, t, alphas_cumprod, int(prediction_type), int(variance_type), bool(clip_denoised),
+                noise, 0 if seed is None else seed, offset)
+        return _dispatch_validated("ddpm_step", x, impl, args)
     prediction_type = as_prediction_type(prediction_type)
     variance_type = as_variance_type(variance_type)
+    clip_denoised = V.check_flag("clip_denoised", clip_denoised)
     V.check_float("x", x)
     V.check_channels("model_output", model_output, "x", x, learned=variance_type.is_learned)
     V.check_table("alphas_cumprod", alphas_cumprod, "x", x, min_length=2)
     V.check_timesteps("t", t, x.shape[0], alphas_cumprod.numel(), "x", x, check_values=check_values)
     _check_noise(noise, x)
     seed, offset = _seed_and_offset(noise, seed, offset, generator)
-    args = (x, model_output, t, alphas_cumprod, int(prediction_type), int(variance_type), bool(clip_denoised),
+    args = (x, model_output, t, alphas_cumprod, int(prediction_type), int(variance_type), clip_denoised,
             noise, seed, offset)
     if which_impl(x, impl) == "fused":
         return torch.ops.diffcore.ddpm_step(*args)
@@ -173,56 +215,166 @@ def hybrid_loss(model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
     V.check_same("noise", noise, "x0", x0)
     V.check_table("alphas_cumprod", alphas_cumprod, "x0", x0, min_length=2)
     V.check_timesteps("t", t, x0.shape[0], alphas_cumprod.numel(), "x0", x0, check_values=check_values)
-    args = (model_output, x0, x_t, noise, t, alphas_cumprod, int(prediction_type), int(variance_type))
     if which_impl(x0, impl) == "fused":
-        return torch.ops.diffcore.hybrid_loss(*args)
-    return reference.hybrid_loss(*args)
+        return torch.ops.diffcore.hybrid_loss(model_output, x0, x_t, noise, t, alphas_cumprod, int(prediction_type),
+                                              int(variance_type))
+    x0, x_t, noise, alphas_cumprod = (reference.autograd.refuse_gradient(v, HYBRID_LOSS_GRADIENTS)
+                                      for v in (x0, x_t, noise, alphas_cumprod))
+    return reference.hybrid_loss(model_output, x0, x_t, noise, t, alphas_cumprod, int(prediction_type),
+                                 int(variance_type))
+
+
+# ---------------------------------------------------------------- fake implementations and autograd
+
+HYBRID_LOSS_GRADIENTS = (
+    "hybrid_loss: x0, x_t, noise and alphas_cumprod get no gradient, by design (they are data, and vb's mean is "
+    "computed with its gradient stopped); only model_output is differentiated. Detach them (or leave "
+    "requires_grad off)")
+
+
+def _check_image_op(x, model_output, t, alphas_cumprod, prediction_type, *, x_name="x", learned=False,
+                    min_length=1):
+    """What the C++ host functions check before any kernel runs, as torch._check (for the fake ops)."""
+    errors = V.torch_errors
+    V.check_float(x_name, x, errors=errors)
+    V.check_enum("prediction_type", prediction_type, PredictionType, errors=errors)
+    V.check_channels("model_output", model_output, x_name, x, learned=learned, errors=errors)
+    V.check_table("alphas_cumprod", alphas_cumprod, x_name, x, min_length, errors=errors)
+    V.check_timestep_tensor("t", t, x.shape[0], x_name, x, errors=errors)
+
+
+def _check_step_noise(noise, x, seed, offset):
+    if noise is not None:
+        V.check_same("noise", noise, "x", x, errors=V.torch_errors)
+    else:
+        V.check_int64("seed", seed, errors=V.torch_errors)
+        V.check_int64("offset", offset, errors=V.torch_errors)
+
+
+def _like_kernel(x: torch.Tensor) -> torch.Tensor:
+    """An output like the kernels allocate it: x's shape, dtype and device, in x's kernel memory format."""
+    return torch.empty_like(x, memory_format=reference.philox.kernel_memory_format(x))
+
+
+def _fake_q_sample(x0, noise, t, alphas_cumprod):
+    errors = V.torch_errors
+    V.check_float("x0", x0, errors=errors)
+    V.check_same("noise", noise, "x0", x0, errors=errors)
+    V.check_table("alphas_cumprod", alphas_cumprod, "x0", x0, errors=errors)
+    V.check_timestep_tensor("t", t, x0.shape[0], "x0", x0, errors=errors)
+    return _like_kernel(x0)
+
+
+def _fake_ddim_step(x, model_output, t, t_prev, alphas_cumprod, eta, prediction_type, clip_denoised, noise, seed,
+                    offset):
+    _check_image_op(x, model_output, t, alphas_cumprod, prediction_type)
+    V.check_timestep_tensor("t_prev", t_prev, x.shape[0], "x", x, errors=V.torch_errors)
+    V.check_eta(eta, finite=False, errors=V.torch_errors)
+    _check_step_noise(noise, x, seed, offset)
+    return _like_kernel(x), _like_kernel(x)
+
+
+def _fake_ddpm_step(x, model_output, t, alphas_cumprod, prediction_type, variance_type, clip_denoised, noise, seed,
+                    offset):
+    V.check_enum("variance_type", variance_type, VarianceType, errors=V.torch_errors)
+    _check_image_op(x, model_output, t, alphas_cumprod, prediction_type,
+                    learned=VarianceType(variance_type).is_learned, min_length=2)
+    _check_step_noise(noise, x, seed, offset)
+    return _like_kernel(x), _like_kernel(x)
+
+
+def _check_hybrid(model_output, x0, x_t, noise, t, alphas_cumprod, prediction_type, variance_type):
+    errors = V.torch_errors
+    V.check_enum("variance_type", variance_type, VarianceType, errors=errors)
+    errors(VarianceType(variance_type).is_learned, ValueError,
+           lambda: f"variance_type: the hybrid loss needs 2 (learned_range) or 3 (learned), got {variance_type}")
+    _check_image_op(x0, model_output, t, alphas_cumprod, prediction_type, x_name="x0", learned=True, min_length=2)
+    V.check_same("x_t", x_t, "x0", x0, errors=errors)
+    V.check_same("noise", noise, "x0", x0, errors=errors)
+
+
+def _fake_hybrid_loss(model_output, x0, x_t, noise, t, alphas_cumprod, prediction_type, variance_type):
+    _check_hybrid(model_output, x0, x_t, noise, t, alphas_cumprod, prediction_type, variance_type)
+    dtype = reference.ops.compute_dtype(x0)
+    return x0.new_empty((x0.shape[0],), dtype=dtype), x0.new_empty((x0.shape[0],), dtype=dtype)
+
+
+def _fake_hybrid_loss_backward(grad_mse, grad_vb, model_output, x0, x_t, noise, t, alphas_cumprod, prediction_type,
+                               variance_type):
+    _check_hybrid(model_output, x0, x_t, noise, t, alphas_cumprod, prediction_type, variance_type)
+    for name, grad in (("grad_mse", grad_mse), ("grad_vb", grad_vb)):
+        V.torch_errors(grad.dim() == 1 and grad.shape[0] == x0.shape[0], ValueError,
+                       lambda: f"{name}: expected shape ({x0.shape[0]},), got {tuple(grad.shape)}")
+        V.check_device(name, grad, "x0", x0, errors=V.torch_errors)
+    return _like_kernel(model_output)
+
+
+def _save_inputs(ctx, inputs, output) -> None:
+    """setup_context of the reference-backed backward: keep every input (tensors saved, the rest on ctx)."""
+    ctx.save_for_backward(*(a if isinstance(a, torch.Tensor) else None for a in inputs))
+    ctx.non_tensors = [None if isinstance(a, torch.Tensor) else a for a in inputs]
+
+
+def _skip_noise_draw(name: str, inputs: list, needs: tuple) -> list:
+    """In-kernel noise (noise=None) enters x_prev as sigma z, so the gradients with respect to x and a fixed-variance
+    prediction do not depend on z: then the backward passes zeros instead of redrawing z with the pure-torch
+    Philox (10x the cost of the step). z is redrawn when the table or a learned variance is differentiated."""
+    if name == "ddim_step":  # (x, model_output, t, t_prev, alphas_cumprod, eta, prediction_type, clip, noise, ...)
+        noise_at, needs_z = 8, needs[4]
+    else:  # ddpm_step: (x, model_output, t, alphas_cumprod, prediction_type, variance_type, clip, noise, ...)
+        noise_at, needs_z = 7, needs[3] or (needs[1] and VarianceType(inputs[5]).is_learned)
+    if inputs[noise_at] is None and not needs_z:
+        inputs[noise_at] = torch.zeros_like(inputs[0])
+    return inputs
+
+
+def _reference_backward(name: str):
+    """The backward of a fused op: the vector-Jacobian product of its reference twin (one copy of the formulas)."""
+    reference_fn = getattr(reference, name)
+
+    def backward(ctx, *grad_outputs):
+        inputs = [s if s is not None else o for s, o in zip(ctx.saved_tensors, ctx.non_tensors)]
+        if name != "q_sample":
+            inputs = _skip_noise_draw(name, inputs, ctx.needs_input_grad)
+        return reference.autograd.reference_vjp(reference_fn, inputs, ctx.needs_input_grad, grad_outputs)
+    return backward
+
+
+def _hybrid_setup_context(ctx, inputs, output):
+    model_output, x0, x_t, noise, t, alphas_cumprod, prediction_type, variance_type = inputs
+    ctx.save_for_backward(model_output, x0, x_t, noise, t, alphas_cumprod)
+    ctx.types = (prediction_type, variance_type)
+
+
+def _hybrid_backward(ctx, grad_mse, grad_vb):
+    if any(ctx.needs_input_grad[1:4]) or ctx.needs_input_grad[5]:
+        raise RuntimeError(HYBRID_LOSS_GRADIENTS)
+    model_output, x0, x_t, noise, t, alphas_cumprod = ctx.saved_tensors
+    grad_mse = torch.zeros_like(grad_mse) if grad_mse is None else grad_mse.contiguous()
+    grad_vb = torch.zeros_like(grad_vb) if grad_vb is None else grad_vb.contiguous()
+    grad = torch.ops.diffcore.hybrid_loss_backward(grad_mse, grad_vb, model_output, x0, x_t, noise, t,
+                                                   alphas_cumprod, *ctx.types)
+    return grad, None, None, None, None, None, None, None
 
 
 def _register_fake_and_autograd() -> None:
-    """Fake (meta) implementations and autograd for the C++ ops; only when the extension is loaded."""
+    """Fake (meta) implementations and autograd for the C++ ops; only when the extension is loaded.
+
+    The fake ones check what the C++ ops check (devices, shapes, dtypes, enum values; not timestep values, which
+    a fake tensor does not have) through the same functions as the wrappers. The backward of q_sample,
+    ddim_step and ddpm_step is that of the reference (``diffcore.reference.autograd``); hybrid_loss has a fused
+    backward kernel for model_output and refuses to differentiate the rest.
+    """
     if _extension.load() is None:
         return
-
-    def _like_kernel(x: torch.Tensor) -> torch.Tensor:
-        fmt = reference.philox.kernel_memory_format(x)
-        return torch.empty_like(x, memory_format=fmt)
-
-    @torch.library.register_fake("diffcore::q_sample")
-    def _(x0, noise, t, alphas_cumprod):
-        return _like_kernel(x0)
-
-    @torch.library.register_fake("diffcore::ddim_step")
-    def _(x, model_output, t, t_prev, alphas_cumprod, eta, prediction_type, clip_denoised, noise, seed, offset):
-        return _like_kernel(x), _like_kernel(x)
-
-    @torch.library.register_fake("diffcore::ddpm_step")
-    def _(x, model_output, t, alphas_cumprod, prediction_type, variance_type, clip_denoised, noise, seed, offset):
-        return _like_kernel(x), _like_kernel(x)
-
-    @torch.library.register_fake("diffcore::hybrid_loss")
-    def _(model_output, x0, x_t, noise, t, alphas_cumprod, prediction_type, variance_type):
-        dtype = reference.ops.compute_dtype(x0)
-        return x0.new_empty((x0.shape[0],), dtype=dtype), x0.new_empty((x0.shape[0],), dtype=dtype)
-
-    @torch.library.register_fake("diffcore::hybrid_loss_backward")
-    def _(grad_mse, grad_vb, model_output, x0, x_t, noise, t, alphas_cumprod, prediction_type, variance_type):
-        return _like_kernel(model_output)
-
-    def _setup_context(ctx, inputs, output):
-        model_output, x0, x_t, noise, t, alphas_cumprod, prediction_type, variance_type = inputs
-        ctx.save_for_backward(model_output, x0, x_t, noise, t, alphas_cumprod)
-        ctx.types = (prediction_type, variance_type)
-
-    def _backward(ctx, grad_mse, grad_vb):
-        model_output, x0, x_t, noise, t, alphas_cumprod = ctx.saved_tensors
-        grad_mse = torch.zeros_like(grad_mse) if grad_mse is None else grad_mse.contiguous()
-        grad_vb = torch.zeros_like(grad_vb) if grad_vb is None else grad_vb.contiguous()
-        grad = torch.ops.diffcore.hybrid_loss_backward(grad_mse, grad_vb, model_output, x0, x_t, noise, t,
-                                                       alphas_cumprod, *ctx.types)
-        return grad, None, None, None, None, None, None, None
-
-    torch.library.register_autograd("diffcore::hybrid_loss", _backward, setup_context=_setup_context)
+    fakes = {"q_sample": _fake_q_sample, "ddim_step": _fake_ddim_step, "ddpm_step": _fake_ddpm_step,
+             "hybrid_loss": _fake_hybrid_loss, "hybrid_loss_backward": _fake_hybrid_loss_backward}
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"diffcore::{name}", fake)
+    for name in ("q_sample", "ddim_step", "ddpm_step"):
+        torch.library.register_autograd(f"diffcore::{name}", _reference_backward(name),
+                                        setup_context=_save_inputs)
+    torch.library.register_autograd("diffcore::hybrid_loss", _hybrid_backward, setup_context=_hybrid_setup_context)
 
 
 _register_fake_and_autograd()

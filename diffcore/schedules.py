@@ -24,19 +24,22 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, get_args
+from typing import Any, Literal, Mapping, Optional, get_args
 
 import torch
 
 ScheduleName = Literal["linear", "cosine", "scaled_linear", "sigmoid"]
 SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)
+#: other libraries' names for the same schedules: diffusers' ``beta_schedule="squaredcos_cap_v2"`` is exactly
+#: improved-diffusion's cosine (betas_for_alpha_bar with s = 0.008, max_beta = 0.999)
+SCHEDULE_ALIASES: dict[str, str] = {"squaredcos_cap_v2": "cosine"}
 
 COSINE_S = 0.008  #: the cosine schedule's offset s (Improved DDPM sec. 3.2)
 COSINE_MAX_BETA = 0.999  #: the cosine schedule's clipping of beta_t
 
 __all__ = [
-    "ScheduleName", "SCHEDULE_NAMES", "NoiseSchedule", "make_schedule", "named_betas", "linear_betas",
-    "cosine_betas", "scaled_linear_betas", "sigmoid_betas", "rescale_zero_terminal_snr",
+    "ScheduleName", "SCHEDULE_NAMES", "SCHEDULE_ALIASES", "schedule_from_diffusers_config", "NoiseSchedule", "make_schedule", "named_betas",
+    "linear_betas", "cosine_betas", "scaled_linear_betas", "sigmoid_betas", "rescale_zero_terminal_snr",
 ]
 
 
@@ -89,8 +92,10 @@ def named_betas(name: ScheduleName, num_timesteps: int, **kwargs) -> torch.Tenso
     (``beta_start`` / ``beta_end`` for the linear-type ones, ``s`` / ``max_beta`` for cosine)."""
     builders = {"linear": linear_betas, "cosine": cosine_betas, "scaled_linear": scaled_linear_betas,
                 "sigmoid": sigmoid_betas}
+    name = SCHEDULE_ALIASES.get(name, name)
     if name not in builders:
-        raise ValueError(f"schedule: expected one of {', '.join(map(repr, SCHEDULE_NAMES))}, got {name!r}")
+        raise ValueError(f"schedule: expected one of {', '.join(map(repr, SCHEDULE_NAMES))} (or "
+                         f"{', '.join(map(repr, SCHEDULE_ALIASES))}), got {name!r}")
     try:
         return builders[name](num_timesteps, **kwargs)
     except TypeError as error:  # an option that this schedule does not take
@@ -233,7 +238,7 @@ def make_schedule(name: "ScheduleName | NoiseSchedule" = "linear", num_timesteps
     """Build a :class:`NoiseSchedule` by name (see the module docstring) with float64 tables.
 
     Args:
-        name: ``"linear" | "cosine" | "scaled_linear" | "sigmoid"``.
+        name: ``"linear" | "cosine" | "scaled_linear" | "sigmoid"`` (or an alias, :data:`SCHEDULE_ALIASES`).
         num_timesteps: T >= 1.
         rescale_to_zero_terminal_snr: apply Lin et al.'s rescaling so abar_{T-1} = 0.
         device: where the tables live (moved once).
@@ -241,6 +246,7 @@ def make_schedule(name: "ScheduleName | NoiseSchedule" = "linear", num_timesteps
     """
     if isinstance(name, NoiseSchedule):
         return name.to(device) if device is not None else name
+    name = SCHEDULE_ALIASES.get(name, name)
     betas = named_betas(name, num_timesteps, **kwargs)
     label = name
     if rescale_to_zero_terminal_snr:
@@ -248,3 +254,39 @@ def make_schedule(name: "ScheduleName | NoiseSchedule" = "linear", num_timesteps
         label = f"{name}+zero_snr"
     schedule = NoiseSchedule.from_betas(betas, name=label)
     return schedule.to(device) if device is not None else schedule
+
+
+#: diffusers' ``beta_schedule`` names -> diffcore's
+DIFFUSERS_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine",
+                            "sigmoid": "sigmoid"}
+
+
+def schedule_from_diffusers_config(config: "Mapping[str, Any]") -> NoiseSchedule:
+    """The :class:`NoiseSchedule` of a diffusers scheduler config (``num_train_timesteps``, ``beta_schedule`` with
+    ``beta_start``/``beta_end``, or ``trained_betas``; then ``rescale_betas_zero_snr``), betas in float64 (diffusers
+    uses float32: relative differences ~1e-7). ``linear`` is linspace(beta_start, beta_end, T) as given (no 1000/T
+    scaling). Errors name the config field (ValueError)."""
+    T = config.get("num_train_timesteps", 1000)
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"scheduler config num_train_timesteps: expected an int >= 1, got {T!r}")
+    trained = config.get("trained_betas")
+    if trained is not None:
+        betas = torch.as_tensor(trained, dtype=torch.float64)
+        if betas.shape != (T,):
+            raise ValueError(f"scheduler config trained_betas: expected {T} values (num_train_timesteps), got "
+                             f"shape {tuple(betas.shape)}")
+        label = "custom"
+    else:
+        name = config.get("beta_schedule", "linear")
+        if name not in DIFFUSERS_BETA_SCHEDULES:
+            raise ValueError(f"scheduler config beta_schedule: expected one of "
+                             f"{', '.join(map(repr, DIFFUSERS_BETA_SCHEDULES))} or trained_betas, got {name!r}")
+        label = DIFFUSERS_BETA_SCHEDULES[name]
+        if label == "cosine":
+            betas = named_betas("cosine", T)
+        else:
+            betas = named_betas(label, T, beta_start=float(config.get("beta_start", 0.0001)),  # type: ignore[arg-type]
+                                beta_end=float(config.get("beta_end", 0.02)))
+    if config.get("rescale_betas_zero_snr", False):
+        betas, label = rescale_zero_terminal_snr(betas), f"{label}+zero_snr"
+    return NoiseSchedule.from_betas(betas, name=label)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from diffcore import checkpoint as ck
+from diffcore import outputs
 
 
 def tiny_model(width: int = 4) -> nn.Module:
@@ -131,11 +132,12 @@ def test_atomic_write_leaves_nothing_partial(tmp_path, monkeypatch):
     original = (path / "manifest.json").read_text()
     # 1. crash while serializing: the existing checkpoint is untouched, no temporary folder remains
     with pytest.raises(RuntimeError, match="simulated crash"):
-        ck.save_checkpoint(path, model=ExplodingDict(model.state_dict()), config={}, step=99)
+        ck.save_checkpoint(path, model=ExplodingDict(model.state_dict()), config={}, step=99,
+                           overwrite=True)
     assert (path / "manifest.json").read_text() == original
     assert sorted(os.listdir(tmp_path)) == ["ck"]
     # 2. crash while writing the files to disk (after two files): same
-    real = ck._write_synced
+    real = outputs.write_synced
     calls = []
 
     def failing(file, data):
@@ -145,7 +147,7 @@ def test_atomic_write_leaves_nothing_partial(tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         real(file, data)
 
-    monkeypatch.setattr(ck, "_write_synced", failing)
+    monkeypatch.setattr(outputs, "write_synced", failing)
     with pytest.raises(OSError, match="disk full"):
         ck.save_checkpoint(tmp_path / "new", model=model.state_dict(), config={}, step=7)
     assert sorted(os.listdir(tmp_path)) == ["ck"]
@@ -153,9 +155,9 @@ def test_atomic_write_leaves_nothing_partial(tmp_path, monkeypatch):
     target = tmp_path / "latest"
     target.write_text("old")
     calls.clear()
-    monkeypatch.setattr(ck, "_write_synced", lambda file, data: (_ for _ in ()).throw(OSError("boom")))
+    monkeypatch.setattr(outputs, "write_synced", lambda file, data: (_ for _ in ()).throw(OSError("boom")))
     with pytest.raises(OSError, match="boom"):
-        ck.atomic_write_text(target, "new")
+        outputs.atomic_write_text(target, "new")
     assert target.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["ck", "latest"]
 
 
@@ -168,10 +170,11 @@ def test_folder_latest_and_keep_last(tmp_path):
     assert ck.resolve_checkpoint(tmp_path) == tmp_path / "step_00000030"
     assert ck.load_checkpoint(ck.resolve_checkpoint(tmp_path)).config == {"s": 30}
     # an interrupted earlier save leaves a .tmp folder: ignored by resolve, removed by the next save
-    (tmp_path / ".tmp-step_00000040-abc").mkdir()
+    (tmp_path / ".tmp-step_00000040-0123456789ab").mkdir()
+    (tmp_path / ".tmp-mine").mkdir()  # named like a leftover, but not as diffcore names them: kept
     assert ck.resolve_checkpoint(tmp_path).name == "step_00000030"
     ck.save_to_folder(tmp_path, 40, model=model.state_dict(), config={})
-    assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == [".tmp-mine"]
     with pytest.raises(ck.CheckpointError, match="neither a checkpoint directory"):
         ck.resolve_checkpoint(tmp_path / "step_00000040" / "nothing")
     manifest = json.loads((tmp_path / "step_00000040" / "manifest.json").read_text())

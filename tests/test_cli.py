@@ -8,10 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
+from diffcore import checkpoint as ck
 from diffcore import cli
-from diffcore.sampling import sample
+from diffcore.pipelines.sample import sample
 from diffcore.samplers import ddim_invert
 from diffcore.train import load_trained_model
+from helpers import run_cli
 
 TINY = ["--data", "synthetic", "--image-size", "8", "--model-channels", "8", "--channel-mult", "1,2",
         "--num-res-blocks", "1", "--attention-resolutions", "4", "--num-timesteps", "20", "--batch-size", "8",
@@ -31,12 +33,6 @@ def run_dir(tmp_path_factory):
     return out
 
 
-def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_help_explains_every_subcommand(capsys):
     for command, needle in (("train", "--timestep-sampler"), ("sample", "--ancestral"), ("invert", "--reconstruction"),
                             ("interpolate", "--seeds"), ("export", "EMA"), ("restore", "--zeta"),
@@ -54,21 +50,21 @@ def test_train_writes_a_resumable_run(run_dir, capsys):
     assert config["model"]["channel_mult"] == [1, 2] and config["model"]["learn_sigma"] is True
     assert config["num_timesteps"] == 20 and config["total_steps"] == 6
     # the same command with more steps resumes; another learning rate is refused with a clear message
-    code, out, _ = run(capsys, "train", *TINY, "--steps", "7", "--out-dir", run_dir)
+    code, out, _ = run_cli(capsys, "train", *TINY, "--steps", "7", "--out-dir", run_dir)
     assert code == 0 and "resuming at step 6" in out
-    code, _, err = run(capsys, "train", *TINY, "--lr", "0.5", "--steps", "8", "--out-dir", run_dir)
+    code, _, err = run_cli(capsys, "train", *TINY, "--lr", "0.5", "--steps", "8", "--out-dir", run_dir)
     assert code == 2 and "another configuration" in err and "lr: 0.01 != 0.5" in err
-    code, _, err = run(capsys, "train", *TINY, "--no-resume", "--out-dir", run_dir)
+    code, _, err = run_cli(capsys, "train", *TINY, "--no-resume", "--out-dir", run_dir)
     assert code == 2 and "already holds checkpoints" in err
-    code, out, _ = run(capsys, "train", *TINY, "--print-config", "--timestep-sampler", "loss-second-moment")
+    code, out, _ = run_cli(capsys, "train", *TINY, "--print-config", "--timestep-sampler", "loss-second-moment")
     assert json.loads(out)["timestep_sampler"] == "loss-second-moment"
     assert json.loads(out)["ema_warmup"] is False
-    code, out, _ = run(capsys, "train", *TINY, "--print-config", "--ema-warmup")
+    code, out, _ = run_cli(capsys, "train", *TINY, "--print-config", "--ema-warmup")
     assert json.loads(out)["ema_warmup"] is True
 
 
 def test_sample_matches_the_library(run_dir, tmp_path, capsys):
-    code, out, _ = run(capsys, "sample", "--checkpoint", run_dir, "--n", 4, "--steps", 5, "--seed", 3,
+    code, out, _ = run_cli(capsys, "sample", "--checkpoint", run_dir, "--n", 4, "--steps", 5, "--seed", 3,
                        "--out", tmp_path / "s.png", "--npz", tmp_path / "s.npz", "--no-progress")
     assert code == 0 and "4 images, DDIM, 5 steps" in out
     trained = load_trained_model(run_dir)
@@ -85,7 +81,7 @@ def test_sample_matches_the_library(run_dir, tmp_path, capsys):
 def test_invert_and_interpolate(run_dir, tmp_path, capsys):
     images = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8), dtype=np.uint8)
     np.save(tmp_path / "x.npy", images)
-    code, out, _ = run(capsys, "invert", "--checkpoint", run_dir, tmp_path / "x.npy", "--steps", 4,
+    code, out, _ = run_cli(capsys, "invert", "--checkpoint", run_dir, tmp_path / "x.npy", "--steps", 4,
                        "--out", tmp_path / "lat.npz", "--reconstruction", tmp_path / "r.png", "--no-progress")
     assert code == 0 and "reconstruction MSE" in out
     trained = load_trained_model(run_dir)
@@ -95,7 +91,7 @@ def test_invert_and_interpolate(run_dir, tmp_path, capsys):
         np.testing.assert_allclose(archive["latents"], expected.sample.numpy(), rtol=0, atol=1e-6)
         assert archive["timesteps"].tolist() == [0, 5, 10, 15]
     # interpolation: the two ends are the samples of the two seeds
-    code, _, _ = run(capsys, "interpolate", "--checkpoint", run_dir, "--seeds", 4, 9, "--num", 3, "--steps", 4,
+    code, _, _ = run_cli(capsys, "interpolate", "--checkpoint", run_dir, "--seeds", 4, 9, "--num", 3, "--steps", 4,
                      "--out", tmp_path / "i.png", "--no-progress")
     assert code == 0
     strip = np.asarray(Image.open(tmp_path / "i.png")).astype(int)
@@ -107,13 +103,13 @@ def test_invert_and_interpolate(run_dir, tmp_path, capsys):
 
 
 def test_export_and_info(run_dir, tmp_path, capsys):
-    code, out, _ = run(capsys, "export", run_dir, tmp_path / "exported")
+    code, out, _ = run_cli(capsys, "export", run_dir, tmp_path / "exported")
     assert code == 0 and "MB" in out
     exported, original = load_trained_model(tmp_path / "exported"), load_trained_model(run_dir)
     for key, value in original.model.state_dict().items():  # the EMA weights, moved over exactly
         assert torch.equal(exported.model.state_dict()[key], value)
     assert not (tmp_path / "exported" / "ema.safetensors").exists()
-    code, out, _ = run(capsys, "info")
+    code, out, _ = run_cli(capsys, "info")
     report = json.loads(out)
     assert code == 0 and report["torch"] == torch.__version__
     assert set(report) >= {"build", "kernels", "devices", "packaged_model"}
@@ -121,13 +117,13 @@ def test_export_and_info(run_dir, tmp_path, capsys):
 
 
 def test_clear_errors(run_dir, tmp_path, capsys):
-    code, _, err = run(capsys, "sample", "--checkpoint", tmp_path / "missing")
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", tmp_path / "missing")
     assert code == 2 and "no such file or folder" in err and "missing" in err
-    code, _, err = run(capsys, "sample", "--checkpoint", run_dir, "--steps", 50)
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", run_dir, "--steps", 50)
     assert code == 2 and "--steps: expected 1..20" in err
-    code, _, err = run(capsys, "sample", "--checkpoint", run_dir, "--label", 1)
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", run_dir, "--label", 1)
     assert code == 2 and "not class-conditional" in err
-    code, _, err = run(capsys, "train", "--channel-mult", "1,x")
+    code, _, err = run_cli(capsys, "train", "--channel-mult", "1,x")
     assert code == 2 and "--channel-mult" in err
     with pytest.raises(SystemExit):  # argparse rejects an unknown choice itself (exit status 2)
         cli.main(["train", "--schedule", "exponential"])
@@ -137,14 +133,13 @@ def test_clear_errors(run_dir, tmp_path, capsys):
     blob = bytearray((damaged / "model.safetensors").read_bytes())
     blob[-5] ^= 1
     (damaged / "model.safetensors").write_bytes(bytes(blob))
-    code, _, err = run(capsys, "sample", "--checkpoint", damaged, "--steps", 2, "--out", tmp_path / "x.png")
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", damaged, "--steps", 2, "--out", tmp_path / "x.png")
     assert code == 2 and "model.safetensors is corrupted" in err
     # a well-formed checkpoint whose config describes another model than its weights
-    from diffcore import checkpoint as ck
-
+    
     trained = load_trained_model(run_dir)
     config = trained.config.to_dict()
     config["model"]["model_channels"] = 12
     ck.save_checkpoint(tmp_path / "mismatch", model=trained.model.state_dict(), config=config, step=1)
-    code, _, err = run(capsys, "sample", "--checkpoint", tmp_path / "mismatch", "--steps", 2)
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", tmp_path / "mismatch", "--steps", 2)
     assert code == 2 and "does not match the model configuration" in err and "shape mismatches" in err

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from diffcore.data import ImageDataset, synthetic_images
-from diffcore.evaluation import to_classifier_input
-from diffcore.metrics import evaluate, extract_features, real_floor
-from diffcore.sampling import sample
+from diffcore.pipelines.evaluate import to_classifier_input
+from diffcore.metrics import extract_features, real_floor, score_samples
+from diffcore.pipelines.sample import sample
 from diffcore.train import load_trained_model
 
-from test_cli_restore import run, tiny_checkpoint
+from helpers import run_cli, tiny_checkpoint
 
 N_REAL = 30
 
@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
 
 def test_eval_writes_consistent_json(setup, tmp_path, capsys):
     ckpt, real_path, real = setup
-    code, out, err = run(capsys, "eval", "--checkpoint", ckpt, "--n", 6, "--steps", 2, "--batch-size", 4,
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--n", 6, "--steps", 2, "--batch-size", 4,
                          "--bpd-batches", 1, "--bpd-batch-size", 3, "--seed", 1, "--real", real_path,
                          "--out", tmp_path / "m.json", "--no-progress")
     assert code == 0, err
@@ -45,11 +45,11 @@ def test_eval_writes_consistent_json(setup, tmp_path, capsys):
         assert set(report[group]) == {"fid", "kid_mean", "kid_std", "precision", "recall"}
         assert all(math.isfinite(v) for v in report[group].values())
         assert report[group]["fid"] >= 0 and 0 <= report[group]["precision"] <= 1
-    # the samples are diffcore.sample's, batch k with seed 1 + k; scored as diffcore.metrics.evaluate does
+    # the samples are diffcore.sample's, batch k with seed 1 + k; scored as diffcore.metrics.score_samples does
     trained = load_trained_model(ckpt)
     images = torch.cat([sample(trained.model, n=count, steps=2, seed=1 + k, diffusion=trained.diffusion,
                                image_shape=trained.image_shape, progress=False) for k, count in enumerate((4, 2))])
-    direct = evaluate(images, real, with_floor=True, seed=1)
+    direct = score_samples(images, real, with_floor=True, seed=1)
     assert report["metrics"]["fid"] == pytest.approx(direct.fid, rel=1e-6)
     assert report["metrics"]["kid_mean"] == pytest.approx(direct.kid_mean, rel=1e-6, abs=1e-12)
     # the floor depends on the real images only: two disjoint halves of 6, scored against each other
@@ -69,7 +69,7 @@ def test_eval_writes_consistent_json(setup, tmp_path, capsys):
 
 def test_eval_ancestral_and_padded_models(setup, tmp_path, capsys):
     ckpt, real_path, _ = setup
-    code, _, err = run(capsys, "eval", "--checkpoint", ckpt, "--n", 4, "--steps", 3, "--sampler", "ddpm",
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", ckpt, "--n", 4, "--steps", 3, "--sampler", "ddpm",
                        "--real", real_path, "--out", tmp_path / "a.json", "--no-progress")
     assert code == 0, err
     report = json.loads((tmp_path / "a.json").read_text())
@@ -97,7 +97,7 @@ def test_eval_errors_are_one_line(setup, tmp_path, capsys):
     ]
     for changes, needle in cases:
         argv = [str(a) for pair in {**base, **changes}.items() for a in pair] + ["--no-progress"]
-        code, _, err = run(capsys, "eval", *argv)
+        code, _, err = run_cli(capsys, "eval", *argv)
         assert code == 2, (changes, err)
         assert err.startswith("diffcore eval: error: ") and err.count("\n") == 1, err
         assert needle in err, (needle, err)

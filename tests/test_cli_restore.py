@@ -9,33 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcore import checkpoint as ck
 from diffcore import cli
 from diffcore.inverse import make_operator, ssim
-from diffcore.restore import load_image, restore, restoration_metrics
-from diffcore.train import TrainConfig, load_trained_model
-from diffcore.unet import UNet, UNetConfig
+from diffcore.images import load_image
+from diffcore.pipelines.restore import restoration_metrics, restore
+from diffcore.train import load_trained_model
+from helpers import run_cli, tiny_checkpoint
 
 TASKS = ["inpaint-box", "inpaint-random", "outpaint", "sr4", "deblur-gauss", "deblur-motion", "ct"]
 SIZE = 16
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_checkpoint(path, image_size, num_timesteps=20, seed=0):
-    """A small learned-variance U-Net with seeded random weights (all layers perturbed, so the output is not the
-    zero of a fresh ADM U-Net) saved as a checkpoint."""
-    model_config = UNetConfig(in_channels=1, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                              attention_resolutions=(), image_size=image_size, learn_sigma=True, num_heads=1)
-    config = TrainConfig(data="synthetic", model=model_config, num_timesteps=num_timesteps, schedule="cosine")
-    torch.manual_seed(seed)
-    model = UNet(model_config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    ck.save_checkpoint(path, model=model.state_dict(), config=config.to_dict(), step=1)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +40,8 @@ def clean_png(tmp_path_factory):
     return path
 
 
-def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def restore_cli(capsys, ckpt, image, out, task, *extra):
-    return run(capsys, "restore", "--checkpoint", ckpt, "--task", task, "--input", image, "--out", out,
+    return run_cli(capsys, "restore", "--checkpoint", ckpt, "--task", task, "--input", image, "--out", out,
                "--steps", 4, "--no-progress", *extra)
 
 
@@ -196,14 +175,15 @@ def test_restore_errors_are_one_line(ckpt, clean_png, tmp_path, capsys):
         ({"--steps": 1}, "--steps: expected 2..20"),
         ({"--steps": 21}, "--steps: expected 2..20"),
         ({"--noise": "poisson", "--sigma-y": 0.1}, "--sigma-y: applies to --noise gaussian"),
-        ({"--zeta": -1}, "--zeta: expected >= 0"),
+        ({"--zeta": -1}, "--zeta: expected a finite value >= 0"),
+            ({"--zeta": "inf"}, "--zeta: expected a finite value >= 0"),
         ({"--eta": 0.5}, "--eta: applies to --sampler ddim"),
         ({"--out": tmp_path / "file"}, "--out: "),
         ({"--checkpoint": tmp_path / "nothing"}, "--checkpoint: no such file or folder"),
     ]
     for changes, needle in cases:
         argv = [str(a) for pair in {**base, **changes}.items() for a in pair] + ["--no-progress"]
-        code, _, err = run(capsys, "restore", *argv)
+        code, _, err = run_cli(capsys, "restore", *argv)
         assert code == 2, (changes, err)
         assert err.startswith("diffcore restore: error: ") and err.count("\n") == 1, err
         assert needle in err, (needle, err)
@@ -222,7 +202,7 @@ def test_restore_help_and_missing_packaged_model(tmp_path, clean_png, capsys):
 
     if (default_model_path() / "manifest.json").is_file():
         pytest.skip("the packaged model is installed; its absence cannot be tested")
-    code, _, err = run(capsys, "restore", "--task", "sr4", "--input", clean_png, "--out", tmp_path / "o")
+    code, _, err = run_cli(capsys, "restore", "--task", "sr4", "--input", clean_png, "--out", tmp_path / "o")
     assert code == 2 and "packaged default model is missing" in err and err.count("\n") == 1
 
 
@@ -241,6 +221,7 @@ def _packaged_and_data():
     return load_default(), images
 
 
+@pytest.mark.slow
 def test_packaged_model_beats_the_degraded_input_on_every_task():
     """100 DDPM steps, default zeta, two Fashion-MNIST test images per task: DPS's mean PSNR beats the degraded
     input's (the baseline's for CT, whose sinogram is not comparable). About 35 s on one core."""

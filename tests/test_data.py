@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from diffcore import data
+from diffcore import images as image_io
 
 
 def write_idx(path, array: np.ndarray, type_code: int = 0x08, compress: bool = True) -> None:
@@ -118,7 +119,7 @@ def test_image_folder(tmp_path):
     Image.fromarray(flat).save(tmp_path / "a" / "flat.png")
     Image.fromarray(flat).save(tmp_path / "a" / "flat.jpg", quality=100)
     (tmp_path / "a" / "notes.txt").write_text("not an image")
-    images, labels, names = data.load_image_folder(tmp_path, 8, channels=3)
+    images, labels, names = image_io.load_image_folder(tmp_path, 8, channels=3)
     assert names == ["a", "b"] and labels.tolist() == [0, 0, 1]
     assert images.shape == (3, 3, 8, 8) and images.dtype == torch.uint8
     # flat image: resize keeps the colour exactly for PNG; JPEG within a few levels
@@ -128,21 +129,21 @@ def test_image_folder(tmp_path):
     wide_out = images[2]
     assert (wide_out[0, :, :2] == 255).all() and (wide_out[2, :, :2] == 0).all()
     assert (wide_out[2, :, -2:] == 255).all() and (wide_out[0, :, -2:] == 0).all()
-    gray, _, _ = data.load_image_folder(tmp_path / "a", 8, channels=1)
+    gray, _, _ = image_io.load_image_folder(tmp_path / "a", 8, channels=1)
     expected_l = round(10 * 299 / 1000 + 200 * 587 / 1000 + 30 * 114 / 1000)  # PIL's ITU-R 601-2 luma
     assert gray.shape == (2, 1, 8, 8) and abs(int(gray[1, 0, 0, 0]) - expected_l) <= 1
 
 
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="image folder not found"):
-        data.load_image_folder(tmp_path / "missing", 8)
+        image_io.load_image_folder(tmp_path / "missing", 8)
     with pytest.raises(ValueError, match="no image files"):
-        data.load_image_folder(tmp_path, 8)
+        image_io.load_image_folder(tmp_path, 8)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(ValueError, match="broken.png"):
-        data.load_image_folder(tmp_path, 8)
+        image_io.load_image_folder(tmp_path, 8)
     with pytest.raises(ValueError, match="channels"):
-        data.load_image_folder(tmp_path, 8, channels=2)
+        image_io.load_image_folder(tmp_path, 8, channels=2)
 
 
 def test_arrays(tmp_path):
@@ -150,23 +151,23 @@ def test_arrays(tmp_path):
     nhwc = rng.integers(0, 256, size=(6, 5, 4, 3), dtype=np.uint8)
     labels = np.arange(6)
     np.savez(tmp_path / "d.npz", images=nhwc, labels=labels)
-    images, got_labels = data.load_array(tmp_path / "d.npz")
+    images, got_labels = image_io.load_array(tmp_path / "d.npz")
     np.testing.assert_array_equal(images.numpy(), nhwc.transpose(0, 3, 1, 2))
     assert got_labels.tolist() == list(range(6))
     floats = np.array([[[-1.0, 0.0], [1.0, 0.5]]], dtype=np.float32)  # [1, 2, 2] in [-1, 1]
     np.save(tmp_path / "f.npy", floats)
-    images, got_labels = data.load_array(tmp_path / "f.npy")
+    images, got_labels = image_io.load_array(tmp_path / "f.npy")
     assert images.shape == (1, 1, 2, 2) and got_labels.tolist() == [0]
     assert images.flatten().tolist() == [0, 128, 255, 191]  # round((v + 1) * 127.5)
     np.save(tmp_path / "bad.npy", floats * 3)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        data.load_array(tmp_path / "bad.npy")
+        image_io.load_array(tmp_path / "bad.npy")
     blob = (tmp_path / "d.npz").read_bytes()
     (tmp_path / "cut.npz").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(ValueError, match="cut.npz"):
-        data.load_array(tmp_path / "cut.npz")
+        image_io.load_array(tmp_path / "cut.npz")
     with pytest.raises(FileNotFoundError, match="nothing.npy"):
-        data.load_array(tmp_path / "nothing.npy")
+        image_io.load_array(tmp_path / "nothing.npy")
     ds = data.open_dataset(str(tmp_path / "d.npz"))
     x, y = ds[2]
     torch.testing.assert_close(x, torch.from_numpy(nhwc[2].transpose(2, 0, 1).astype(np.float32)) / 127.5 - 1)

@@ -366,3 +366,53 @@ def test_constructor_errors_are_clear(schedule):
         GaussianDiffusion(zero_snr, "eps")
     assert GaussianDiffusion(zero_snr, "v").schedule.has_zero_terminal_snr
     assert as_loss_type("hybrid") == LossType.RESCALED_MSE
+
+
+# --------------------------------------------------------------------------------------- diffusers conventions
+@pytest.mark.parametrize("name, ours", [("epsilon", "eps"), ("sample", "x0"), ("v_prediction", "v")])
+def test_diffusers_names_mean_what_diffusers_means(name, ours):
+    """A diffusers DDIMScheduler step (float64 arithmetic) with its prediction_type and beta_schedule names equals
+    diffcore's DDIM step given the same names; the names are aliases of diffcore's own."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffcore.types import as_prediction_type
+
+    assert as_prediction_type(name) == as_prediction_type(ours) == as_prediction_type(f" {name.upper()} ")
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=200, beta_schedule="squaredcos_cap_v2",
+                                        prediction_type=name, clip_sample=False, set_alpha_to_one=True)
+    schedule = make_schedule("squaredcos_cap_v2", 200)
+    torch.testing.assert_close(schedule.alphas_cumprod, scheduler.alphas_cumprod.double(), rtol=1e-6, atol=1e-7)
+    scheduler.alphas_cumprod = schedule.alphas_cumprod  # the same float64 table, so that only rounding differs
+    scheduler.set_timesteps(10)  # t = 180 -> 160
+    x0, noise, _ = batch()
+    x_t, output = x0 + noise, 0.5 * noise - 0.2 * x0
+    expected = scheduler.step(output, 180, x_t, eta=0.0).prev_sample
+    d = GaussianDiffusion(schedule, name)
+    t = torch.full((x0.shape[0],), 180)
+    x_prev, _ = ops.ddim_step(x_t, output, t, t - 20, d.alphas_cumprod, prediction_type=name)
+    torch.testing.assert_close(x_prev, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_model_output_conventions(schedule):
+    """The one unwrap (model_output_tensor) and the one check (split_model_output)."""
+    from diffcore.diffusion import model_output_tensor, split_model_output
+    from diffcore.types import VarianceType
+
+    x = torch.randn(2, 3, 4, 4)
+    out = torch.randn(2, 6, 4, 4)
+    for wrapped in (out, (out, None), [out], {"sample": out}, type("Output", (), {"sample": out})()):
+        assert model_output_tensor(wrapped) is out
+    prediction, variance = split_model_output(out, x, VarianceType.LEARNED_RANGE)
+    assert torch.equal(torch.cat([prediction, variance], 1), out) and prediction.shape == x.shape
+    assert split_model_output(out, x)[1] is not None and split_model_output(x, x) == (x, None)
+    with pytest.raises(ValueError, match=r"model output: expected shape \(2, 3, 4, 4\) for variance_type="
+                                         r"'fixed_small' \(C channels like x"):
+        split_model_output(out, x, VarianceType.FIXED_SMALL)
+    with pytest.raises(ValueError, match=r"guided: expected shape \(2, 3, 4, 4\) or \(2, 6, 4, 4\) \(learned "
+                                         r"variance\) for x of shape \(2, 3, 4, 4\), got \(2, 5, 4, 4\)"):
+        split_model_output(out[:, :5], x, what="guided")
+    with pytest.raises(TypeError, match="model output: expected a torch.Tensor, an object with a .sample"):
+        model_output_tensor({"pred": out})
+    # call_model unwraps, checks and casts once
+    d = GaussianDiffusion(schedule, "eps", "learned_range")
+    got = d.call_model(lambda x, t: {"sample": out.double()}, x, torch.zeros(2, dtype=torch.int64))
+    assert got.dtype == x.dtype and torch.equal(got, out)

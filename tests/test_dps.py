@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import diffcore.inverse as inv
+from diffcore.diffusion import GaussianDiffusion
+from diffcore.schedules import NoiseSchedule
 
 torch.set_num_threads(1)
 DT = torch.float64
@@ -15,7 +17,13 @@ STEPS = 100
 BETAS = torch.linspace(1e-4, 0.02, T, dtype=DT)
 ABAR = torch.cumprod(1.0 - BETAS, 0)
 TMAP = torch.linspace(0, T - 1, STEPS, dtype=DT).round().long()  # respaced: 100 of 1000 steps
-AC = ABAR[TMAP]
+FULL = GaussianDiffusion(NoiseSchedule.from_betas(BETAS))
+SPACED = FULL.respaced(TMAP.tolist())
+
+
+def spaced(kept=TMAP, **types):
+    """The process of BETAS respaced to the timesteps ``kept``, with the given prediction / variance types."""
+    return GaussianDiffusion(NoiseSchedule.from_betas(BETAS), **types).respaced(kept.tolist())
 
 
 class GaussianPrior(torch.nn.Module):
@@ -72,8 +80,8 @@ def test_dps_moves_samples_to_the_posterior_mean(task, sampler):
     kwargs = {"kernel_size": 5, "sigma": 1.0} if task == "deblur-gauss" else {}
     prior, op, y, post = _problem(task, **kwargs)
     prior_gap = (prior.mu - post).norm().item()
-    guided = inv.dps_sample(prior, op, y, AC, TMAP, zeta=0.5, sampler=sampler, seed=2, progress=False)
-    unguided = inv.dps_sample(prior, op, y, AC, TMAP, zeta=0.0, sampler=sampler, seed=2, progress=False)
+    guided = inv.dps_sample(prior, SPACED, op, y, zeta=0.5, sampler=sampler, seed=2, progress=False)
+    unguided = inv.dps_sample(prior, SPACED, op, y, zeta=0.0, sampler=sampler, seed=2, progress=False)
     assert _distance_of_mean(guided.sample, post) < 0.2 * prior_gap  # measured 0.04-0.13
     assert _distance_of_mean(unguided.sample, post) > 0.9 * prior_gap
     # unguided samples follow the prior: their mean is mu up to sampling error (sd of the mean ~ 0.5/sqrt(192))
@@ -86,9 +94,9 @@ def test_dps_moves_samples_to_the_posterior_mean(task, sampler):
 def test_dps_and_naive_inpainting():
     prior, op, y, post = _problem("inpaint-box")
     prior_gap = (prior.mu - post).norm().item()
-    guided = inv.dps_sample(prior, op, y, AC, TMAP, zeta=1.0, seed=3, progress=False)
-    unguided = inv.dps_sample(prior, op, y, AC, TMAP, zeta=0.0, seed=3, progress=False)
-    naive = inv.naive_inpaint_sample(prior, op, y, AC, TMAP, seed=3, progress=False)
+    guided = inv.dps_sample(prior, SPACED, op, y, zeta=1.0, seed=3, progress=False)
+    unguided = inv.dps_sample(prior, SPACED, op, y, zeta=0.0, seed=3, progress=False)
+    naive = inv.naive_inpaint_sample(prior, SPACED, op, y, seed=3, progress=False)
     assert _distance_of_mean(guided.sample, post) < 0.2 * prior_gap
     assert _distance_of_mean(unguided.sample, post) > 0.9 * prior_gap
     m = op.mask.expand_as(naive)
@@ -110,8 +118,8 @@ def test_one_dps_step_in_closed_form():
     b = (1 / a - 1).sqrt() * (1 - a).sqrt() * torch.linalg.solve(cov_t, a.sqrt() * prior.mu)
     x = torch.randn(3, 1, H, W, generator=torch.Generator().manual_seed(5), dtype=DT)
     y = torch.randn(3, 1, H // 2, W // 2, generator=torch.Generator().manual_seed(6), dtype=DT)
-    out = inv.dps_sample(prior, op, y, ABAR[t:t + 1], torch.tensor([t]), zeta=0.7, sampler="ddim", x_T=x,
-                         seed=0, progress=False)
+    out = inv.dps_sample(prior, FULL.respaced([t]), op, y, zeta=0.7, sampler="ddim", x_T=x, seed=0,
+                         progress=False)
     for i in range(3):
         x0 = m_matrix @ x[i].reshape(-1) + b
         r = a_matrix @ x0 - y[i].reshape(-1)
@@ -123,17 +131,17 @@ def test_one_dps_step_in_closed_form():
 def test_images_of_a_batch_do_not_interact():
     prior, op, y, _ = _problem("sr2", batch=3)
     y = y + 0.1 * torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=DT)
-    both = inv.dps_sample(prior, op, y, AC[:30], TMAP[:30], zeta=0.5, seed=4, progress=False)
-    first = inv.dps_sample(prior, op, y[:1], AC[:30], TMAP[:30], zeta=0.5, seed=4, progress=False)
+    both = inv.dps_sample(prior, spaced(TMAP[:30]), op, y, zeta=0.5, seed=4, progress=False)
+    first = inv.dps_sample(prior, spaced(TMAP[:30]), op, y[:1], zeta=0.5, seed=4, progress=False)
     assert torch.allclose(both.sample[:1], first.sample, atol=1e-12)  # not coupled through a batch norm
-    again = inv.dps_sample(prior, op, y, AC[:30], TMAP[:30], zeta=0.5, seed=4, progress=False)
-    other = inv.dps_sample(prior, op, y, AC[:30], TMAP[:30], zeta=0.5, seed=5, progress=False)
+    again = inv.dps_sample(prior, spaced(TMAP[:30]), op, y, zeta=0.5, seed=4, progress=False)
+    other = inv.dps_sample(prior, spaced(TMAP[:30]), op, y, zeta=0.5, seed=5, progress=False)
     assert again.sample.equal(both.sample) and not other.sample.equal(both.sample)
 
 
 def test_model_sees_original_timesteps_and_keeps_no_graph():
     prior, op, y, _ = _problem("sr4", batch=2)
-    result = inv.dps_sample(prior, op, y, AC, TMAP, zeta=0.5, seed=0, progress=False)
+    result = inv.dps_sample(prior, SPACED, op, y, zeta=0.5, seed=0, progress=False)
     assert torch.equal(torch.stack([t[0] for t in prior.seen]), TMAP.flip(0))
     assert prior.weight.grad is None  # gradients go to x_t only
     assert not result.sample.requires_grad and result.sample.grad_fn is None
@@ -142,11 +150,11 @@ def test_model_sees_original_timesteps_and_keeps_no_graph():
 
 def test_learned_variance_output_uses_the_variance_channels():
     _, op, y, _ = _problem("sr2", batch=2)
-    fixed = inv.dps_sample(GaussianPrior(), op, y, AC, TMAP, zeta=0.5, seed=8, progress=False)
-    learned = inv.dps_sample(GaussianPrior(learned_variance=True), op, y, AC, TMAP, zeta=0.5, seed=8,
-                             variance_type="learned_range", progress=False)
+    fixed = inv.dps_sample(GaussianPrior(), SPACED, op, y, zeta=0.5, seed=8, progress=False)
+    learned = inv.dps_sample(GaussianPrior(learned_variance=True), spaced(variance_type="learned_range"), op, y,
+                             zeta=0.5, seed=8, progress=False)
     assert torch.allclose(fixed.sample, learned.sample, atol=1e-12)  # v = -1 is the fixed_small variance
-    large = inv.dps_sample(GaussianPrior(), op, y, AC, TMAP, zeta=0.5, seed=8, variance_type="fixed_large",
+    large = inv.dps_sample(GaussianPrior(), spaced(variance_type="fixed_large"), op, y, zeta=0.5, seed=8,
                            progress=False)
     assert not torch.allclose(fixed.sample, large.sample, atol=1e-3)
 
@@ -156,46 +164,70 @@ def test_poisson_weighted_dps_fits_the_counts():
     noise = inv.PoissonNoise(rate=200.0, low=-2.0, high=2.0)
     x_true = prior.mu.reshape(1, 1, H, W)
     y = noise(op(x_true), seed=3).expand(64, -1, -1, -1).contiguous()
-    guided = inv.dps_sample(prior, op, y, AC, TMAP, zeta=0.3, noise_model=noise, seed=1, progress=False)
-    unguided = inv.dps_sample(prior, op, y, AC, TMAP, zeta=0.0, noise_model=noise, seed=1, progress=False)
+    guided = inv.dps_sample(prior, SPACED, op, y, zeta=0.3, noise_model=noise, seed=1, progress=False)
+    unguided = inv.dps_sample(prior, SPACED, op, y, zeta=0.0, noise_model=noise, seed=1, progress=False)
     fit = noise.residual_norm(y, op(guided.sample)).mean()
     assert fit < 0.25 * noise.residual_norm(y, op(unguided.sample)).mean()
 
 
 def test_dps_argument_errors():
     prior, op, y, _ = _problem("sr2", batch=2)
-    with pytest.raises(TypeError, match="alphas_cumprod"):
-        inv.dps_sample(prior, op, y, AC.float(), TMAP, progress=False)
-    with pytest.raises(TypeError, match="timestep_map"):
-        inv.dps_sample(prior, op, y, AC, TMAP[:5], progress=False)
+    with pytest.raises(TypeError, match="diffusion: expected a GaussianDiffusion"):
+        inv.dps_sample(prior, SPACED.alphas_cumprod, op, y, progress=False)  # the tables of the old interface
+    with pytest.raises(ValueError, match="steps: expected at most"):
+        inv.dps_sample(prior, SPACED, op, y, steps=STEPS + 1, progress=False)
     with pytest.raises(ValueError, match="zeta"):
-        inv.dps_sample(prior, op, y, AC, TMAP, zeta=-1.0, progress=False)
-    with pytest.raises(ValueError, match="sampler"):
-        inv.dps_sample(prior, op, y, AC, TMAP, sampler="euler", progress=False)
-    with pytest.raises(ValueError, match="model"):
-        inv.dps_sample(lambda x, t: torch.zeros(2, 3, H, W, dtype=DT), op, y, AC, TMAP, progress=False)
+        inv.dps_sample(prior, SPACED, op, y, zeta=-1.0, progress=False)
+    with pytest.raises(ValueError, match="zeta"):
+        inv.dps_sample(prior, SPACED, op, y, zeta=float("inf"), progress=False)
+    with pytest.raises(ValueError, match="sampler: expected one of 'ddpm', 'ddim', got 'euler'"):
+        inv.dps_sample(prior, SPACED, op, y, sampler="euler", progress=False)
+    with pytest.raises(ValueError, match="eta: expected a float >= 0"):
+        inv.dps_sample(prior, SPACED, op, y, sampler="ddim", eta=-0.5, progress=False)
+    with pytest.raises(ValueError, match=r"model output: expected shape \(2, 1, 8, 8\) for variance_type="):
+        inv.dps_sample(lambda x, t: torch.zeros(2, 3, H, W, dtype=DT), SPACED, op, y, progress=False)
     with pytest.raises(ValueError, match="^y:"):
-        inv.dps_sample(prior, op, y[0], AC, TMAP, progress=False)  # no batch dimension
+        inv.dps_sample(prior, SPACED, op, y[0], progress=False)  # no batch dimension
     with pytest.raises(TypeError, match="operator"):
-        inv.naive_inpaint_sample(prior, op, y, AC, TMAP, progress=False)
+        inv.naive_inpaint_sample(prior, SPACED, op, y, progress=False)
+    with pytest.raises(TypeError, match="callback"):
+        inv.dps_sample(prior, SPACED, op, y, callback="print", progress=False)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_unguided_dps_is_the_unconditional_sampler(sampler):
-    """zeta = 0 reproduces diffcore.samplers on the same process and seed (shared noise convention)."""
-    from diffcore.diffusion import GaussianDiffusion
+    """zeta = 0 reproduces diffcore.samplers on the same process and seed bit for bit: the same reverse step and
+    the same noise convention."""
     from diffcore.samplers import ddim_sample, ddpm_sample
-    from diffcore.schedules import NoiseSchedule
 
     prior, op, y, _ = _problem("sr2", batch=3)
-    full = GaussianDiffusion(NoiseSchedule.from_betas(BETAS))
     if sampler == "ddpm":
-        spaced = full.respaced(40)
-        ref = ddpm_sample(prior, spaced, (3, 1, H, W), seed=11, dtype=DT, progress=False)
-        table, tmap = spaced.alphas_cumprod, spaced.timestep_map
+        ref = ddpm_sample(prior, FULL, (3, 1, H, W), steps=40, seed=11, dtype=DT, progress=False)
+        process = FULL.respaced(40)
     else:
-        ref = ddim_sample(prior, full, (3, 1, H, W), steps=40, eta=0.5, seed=11, dtype=DT, progress=False)
-        tmap = torch.tensor(ref.timesteps[::-1])
-        table = ABAR[tmap]
-    ours = inv.dps_sample(prior, op, y, table, tmap, zeta=0.0, sampler=sampler, eta=0.5, seed=11, progress=False)
-    assert torch.allclose(ours.sample, ref.sample, atol=1e-12)
+        ref = ddim_sample(prior, FULL, (3, 1, H, W), steps=40, eta=0.5, seed=11, dtype=DT, progress=False)
+        process = FULL.respaced(list(ref.timesteps[::-1]))
+    ours = inv.dps_sample(prior, process, op, y, zeta=0.0, sampler=sampler, eta=0.5, seed=11, progress=False)
+    assert torch.equal(ours.sample, ref.sample)
+    # steps= respaces as ddpm_sample does
+    by_steps = inv.dps_sample(prior, FULL, op, y, steps=40, zeta=0.0, sampler="ddpm", seed=11, progress=False)
+    if sampler == "ddpm":
+        assert torch.equal(by_steps.sample, ref.sample)
+
+
+def test_callback_sees_every_step_and_the_naive_baseline_keeps_the_noise_convention():
+    """The callback gets (k, x, pred_x0) after each step; the naive baseline with an all-False mask is the plain
+    DDPM sampler (its replacement does nothing), so its noise is the samplers' noise."""
+    from diffcore.samplers import ddpm_sample
+
+    prior, op, y, _ = _problem("sr2", batch=2)
+    seen = []
+    result = inv.dps_sample(prior, spaced(TMAP[:12]), op, y, zeta=0.5, seed=3, progress=False,
+                            callback=lambda k, x, x0: seen.append((k, x.clone(), x0.clone())))
+    assert [k for k, _, _ in seen] == list(range(12))
+    assert torch.equal(seen[-1][1], result.sample) and torch.equal(seen[-1][2], result.pred_x0)
+    nothing = inv.MaskOperator((1, H, W), torch.zeros(H, W, dtype=torch.bool))
+    process = spaced(TMAP[:12])
+    naive = inv.naive_inpaint_sample(prior, process, nothing, torch.zeros(2, 1, H, W, dtype=DT), seed=3,
+                                     progress=False)
+    assert torch.equal(naive, ddpm_sample(prior, process, (2, 1, H, W), seed=3, dtype=DT, progress=False).sample)

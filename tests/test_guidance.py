@@ -13,7 +13,7 @@ from diffcore.analytic import GaussianData
 from diffcore.diffusion import GaussianDiffusion
 from diffcore.guidance import (NoisyClassifier, classifier_free_guidance, classifier_guidance, drop_labels,
                                train_noisy_classifier)
-from diffcore.reference import formulas as F
+from diffcore.reference import formulas
 from diffcore.samplers import ddim_sample, ddpm_sample
 from diffcore.schedules import make_schedule
 from diffcore.types import PredictionType
@@ -152,6 +152,27 @@ def test_cfg_scale_one_zero_and_the_single_batched_pass():
     torch.testing.assert_close(out[4], 0.5 * (cond[4] + uncond[4]))
 
 
+def test_guidance_wrappers_unwrap_diffusers_style_outputs(mixture):
+    """An inner model returning its output wrapped (diffusers' UNet2DOutput-like .sample, a tuple, a dict) gives
+    the wrappers' tensor output bit for bit as the plain model does."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 4, 4, generator=g)
+    t = torch.randint(0, 1000, (4,), generator=g)
+    y = torch.tensor([0, 1, 2, 0])
+    wraps = (lambda o: type("UNet2DOutput", (), {"sample": o})(), lambda o: (o,), lambda o: {"sample": o})
+    for scale in (1.0, 2.5):
+        plain = classifier_free_guidance(toy_conditional, y, scale, 3)(x, t)
+        for wrap in wraps:
+            out = classifier_free_guidance(lambda x, t, y: wrap(toy_conditional(x, t, y)), y, scale, 3)(x, t)
+            assert isinstance(out, torch.Tensor) and torch.equal(out, plain)
+    xs, ts, labels = random_points(6, 4)
+    plain = classifier_guidance(mixture.unconditional_model, mixture.logits, labels, 1.5, mixture.abar)(xs, ts)
+    for wrap in wraps:
+        inner = lambda x, t: wrap(mixture.unconditional_model(x, t))  # noqa: E731
+        out = classifier_guidance(inner, mixture.logits, labels, 1.5, mixture.abar)(xs, ts)
+        assert torch.equal(out, plain)
+
+
 def test_cfg_repeats_per_sample_model_kwargs():
     seen = {}
 
@@ -246,8 +267,8 @@ def test_classifier_guidance_for_x0_and_v_predictions_with_learned_variance(mixt
     a = mixture.abar[t][:, None]
 
     def as_prediction(eps):
-        x0 = F.x0_from_eps(x, eps, a)
-        return x0 if ptype == PredictionType.X0 else F.v_target(x0, eps, a)
+        x0 = formulas.x0_from_eps(x, eps, a)
+        return x0 if ptype == PredictionType.X0 else formulas.v_target(x0, eps, a)
 
     def model(x_in, t_in):
         return torch.cat([as_prediction(mixture.eps_uncond(x_in, t_in)), torch.sin(x_in)], dim=1)
@@ -348,7 +369,7 @@ def test_noisy_classifier_trains_and_guides():
     abar = schedule.alphas_cumprod
 
     def model(x, t_in):
-        return (1 - F.per_sample(abar[t_in], x)).sqrt().to(x.dtype) * x
+        return (1 - formulas.per_sample(abar[t_in], x)).sqrt().to(x.dtype) * x
     y = torch.arange(64) % 2
     out = ddim_sample(classifier_guidance(model, classifier, y, 5.0, abar), d, (64, 1, 8, 8), steps=20, seed=1,
                       progress=False).sample

@@ -9,7 +9,7 @@ import torch
 from scipy.spatial.distance import cdist
 
 from diffcore.data import fashion_mnist_root, load_fashion_mnist
-from diffcore.metrics import (compute_metrics, evaluate, extract_features, fid_from_features, frechet_distance,
+from diffcore.metrics import (compute_metrics, score_samples, extract_features, fid_from_features, frechet_distance,
                               gaussian_stats, kid_from_features, knn_radii_sq, load_feature_extractor,
                               mmd2_unbiased, precision_recall, prepare_images, real_floor, split_real)
 from diffcore.metrics import classifier
@@ -256,7 +256,7 @@ def test_real_floor_is_near_zero_and_below_a_shifted_set():
     assert floor.precision > 0.7 and floor.recall > 0.7
 
 
-# ---------------------------------------------------------------- the shipped classifier and evaluate()
+# ---------------------------------------------------------------- the shipped classifier and score_samples()
 
 def test_shipped_weights_are_small_and_record_accuracy_and_command():
     path = classifier.default_weights_path()
@@ -344,9 +344,9 @@ def test_evaluate_on_real_images_ranks_real_above_collapsed_and_noise(fmnist_tes
     generated = prepare_images("x", images[-n:])  # real test images that the split below never uses
     options = dict(extractor=extractor, with_floor=True, kid_subsets=10, kid_subset_size=n // 2)
     real = images[: 4 * n]
-    good = evaluate(generated, real, **options)
-    collapsed = evaluate(generated[:1].repeat(n, 1, 1, 1), real, **options)
-    noise = evaluate(torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1, real, **options)
+    good = score_samples(generated, real, **options)
+    collapsed = score_samples(generated[:1].repeat(n, 1, 1, 1), real, **options)
+    noise = score_samples(torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1, real, **options)
     assert good.floor is not None and good.floor.num_generated == good.floor.num_real == n == good.num_real
     # real held-out images score like the floor (measured: FID 25.6 vs floor 29.1, P/R ~0.9)
     assert good.fid < 2 * good.floor.fid and abs(good.kid_mean) < 3 * good.kid_std
@@ -356,10 +356,10 @@ def test_evaluate_on_real_images_ranks_real_above_collapsed_and_noise(fmnist_tes
     # k-NN manifold in this classifier's feature space, measured 0.64 here), so it is not asserted
     assert noise.fid > 20 * good.fid and noise.recall < 0.05
     assert noise.kid_mean > good.kid_mean + 10 * noise.kid_std
-    whole = evaluate(generated, real, extractor=extractor, kid_subsets=3)  # without floor: all of real
+    whole = score_samples(generated, real, extractor=extractor, kid_subsets=3)  # without floor: all of real
     assert whole.floor is None and whole.num_real == 4 * n
     with pytest.raises(ValueError, match="num_samples"):
-        evaluate(generated, real[: n + 1], extractor=extractor, with_floor=True)
+        score_samples(generated, real[: n + 1], extractor=extractor, with_floor=True)
 
 
 @needs_fmnist

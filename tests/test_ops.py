@@ -476,3 +476,159 @@ def test_which_impl_and_build_info():
     if not ops.fused_available("cuda"):
         with pytest.raises(RuntimeError, match="pip install -e . --no-build-isolation"):
             ops.which_impl("cuda", "fused")
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_argument_errors_name_the_argument(impl):
+    """Issue 12 item 11: Python-level arguments get the same clear errors as tensors (name, expected, got)."""
+    if impl == "fused" and not ops.fused_available("cpu"):
+        pytest.skip("diffcore._C is not built")
+    table = make_table()
+    x = torch.randn(4, 3, 4, 4)
+    t = timesteps(4)
+    cases = [
+        (lambda: ops.ddim_step(x, x, t, t - 1, table, "0.5", impl=impl), TypeError, "eta: expected a float >= 0"),
+        (lambda: ops.ddim_step(x, x, t, t - 1, table, float("nan"), impl=impl), ValueError, "eta: expected"),
+        (lambda: ops.ddim_step(x, x, t, t - 1, table, float("inf"), impl=impl), ValueError, "and finite, got inf"),
+        (lambda: ops.ddpm_step(x, x, t, table, offset=2**63, impl=impl), ValueError,
+         "offset: expected an int in [0, 2**63), got 9223372036854775808"),
+        (lambda: ops.ddpm_step(x, x, t, table, seed=2**64, impl=impl), ValueError, "seed: expected an int in [0, 2**63)"),
+        (lambda: ops.ddim_step(x, x, t, t - 1, table, 0.5, offset=1.5, impl=impl), TypeError, "offset: expected an int"),
+        (lambda: ops.ddpm_step(x, x, t, table, seed="7", impl=impl), TypeError, "seed: expected an int"),
+        (lambda: ops.ddpm_step(x, x, t, table, clip_denoised="no", impl=impl), TypeError, "clip_denoised: expected a bool"),
+    ]
+    for fn, kind, message in cases:
+        with pytest.raises(kind) as info:
+            fn()
+        assert message in str(info.value), (message, str(info.value))
+
+
+def test_any_negative_t_prev_is_the_last_step():
+    table = make_table()
+    x = _images((3, 2, 4), torch.float64)
+    eps = _images((3, 2, 4), torch.float64, seed=1)
+    t = torch.tensor([0, 5, 39])
+    expected = ops.ddim_step(x, eps, t, torch.full((3,), -1), table)
+    for low in [-2, -(2**62) - 1, -(2**63)]:
+        for impl in ["auto", "reference"]:
+            got = ops.ddim_step(x, eps, t, torch.full((3,), low), table, impl=impl)
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+@pytest.mark.parametrize("bad", [-1, T_STEPS, -(2**63)])
+def test_out_of_range_timesteps_raise_on_cpu_whatever_check_values(impl, bad):
+    """check_values=False skips the Python-level read (a device sync on CUDA); on CPU both paths still raise."""
+    if impl == "fused" and not ops.fused_available("cpu"):
+        pytest.skip("diffcore._C is not built")
+    table = make_table()
+    x = torch.randn(2, 3, 4)
+    t = torch.tensor([3, bad])
+    for call in [lambda: ops.q_sample(x, x, t, table, impl=impl, check_values=False),
+                 lambda: ops.ddpm_step(x, x, t, table, seed=1, impl=impl, check_values=False),
+                 lambda: ops.ddim_step(x, x, t, t.clamp(max=0) - 1, table, impl=impl, check_values=False)]:
+        with pytest.raises((ValueError, RuntimeError), match=r"t: expected timesteps in \[0, 40\)"):
+            call()
+
+
+def test_reference_clamps_unchecked_timesteps_like_the_cuda_kernels():
+    """Timesteps that reach the reference unchecked are clamped into [0, T) (never wrapped: -1 is not T-1)."""
+    table = make_table()
+    x = _images((2, 3, 4), torch.float64)
+    n = _images((2, 3, 4), torch.float64, seed=1)
+    clamped = reference.q_sample(x, n, torch.tensor([0, T_STEPS - 1]), table)
+    torch.testing.assert_close(reference.q_sample(x, n, torch.tensor([-1, T_STEPS + 5]), table), clamped)
+    t_prev_clamped = reference.ddim_step(x, n, torch.tensor([3, 3]), torch.tensor([-5, T_STEPS - 1]), table)
+    torch.testing.assert_close(reference.ddim_step(x, n, torch.tensor([3, 3]), torch.tensor([-5, 10**6]), table),
+                               t_prev_clamped)
+
+
+def test_meta_tensors_through_the_wrappers():
+    """Meta tensors have no values: the wrappers skip the value checks and return meta outputs of the right shape."""
+    table = make_table().to("meta")
+    x = torch.empty(3, 2, 4, 4, device="meta")
+    t = torch.empty(3, dtype=torch.long, device="meta")
+    assert ops.q_sample(x, x, t, table).device.type == "meta"
+    x_prev, pred_x0 = ops.ddpm_step(x, torch.cat([x, x], 1), t, table, variance_type="learned", seed=1)
+    assert x_prev.shape == x.shape and pred_x0.device.type == "meta"
+
+
+# ---------------------------------------------------------------- fake implementations (issue 12 item 6)
+
+
+def _fake_call(op, args):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    with mode:
+        return op(*fake_args)
+
+
+@needs_fused
+def test_mixed_meta_and_cpu_tensors_raise():
+    """A direct call with one meta tensor used to return uninitialised CPU memory; it names the argument now."""
+    table = make_table()
+    x = torch.randn(2, 3, 4)
+    t = torch.tensor([0, 1])
+    calls = [
+        (lambda: torch.ops.diffcore.q_sample(x, x.to("meta"), t, table), "noise: expected a tensor on cpu"),
+        (lambda: torch.ops.diffcore.q_sample(x.to("meta"), x, t, table), "noise: expected a tensor on meta"),
+        (lambda: torch.ops.diffcore.ddim_step(x, x, t.to("meta"), t, table, 0.0, 0, False, None, 0, 0),
+         "t: expected a tensor on cpu"),
+        (lambda: torch.ops.diffcore.ddpm_step(x, x, t, table.to("meta"), 0, 0, False, None, 0, 0),
+         "alphas_cumprod: expected a tensor on cpu"),
+        (lambda: torch.ops.diffcore.hybrid_loss(torch.cat([x, x], 1), x, x.to("meta"), x, t, table, 0, 2),
+         "x_t: expected a tensor on cpu"),
+    ]
+    for call, message in calls:
+        with pytest.raises(RuntimeError) as info:
+            call()
+        assert message in str(info.value), (message, str(info.value))
+
+
+@needs_fused
+def test_fake_ops_raise_what_the_real_ops_raise():
+    """Under FakeTensorMode (torch.compile's tracing) every bad shape, dtype or enum raises RuntimeError naming the
+    same argument as the C++ op; valid calls give outputs with the real op's shape, dtype and strides."""
+    table = make_table()
+    x = torch.randn(2, 3, 4, 4)
+    t = torch.tensor([0, 1])
+    mo2 = torch.cat([x, x], 1)
+    q, ddim, ddpm, loss = (torch.ops.diffcore.q_sample, torch.ops.diffcore.ddim_step, torch.ops.diffcore.ddpm_step,
+                           torch.ops.diffcore.hybrid_loss)
+    bad = [
+        (q, (x, x[:, :2], t, table), "noise"),
+        (q, (x, x.double(), t, table), "noise"),
+        (q, (x.long(), x.long(), t, table), "x0"),
+        (q, (x, x, t[:1], table), "t"),
+        (q, (x, x, t.int(), table), "t"),
+        (q, (x, x, t, table.float()), "alphas_cumprod"),
+        (ddim, (x, x[..., :3], t, t, table, 0.0, 0, False, None, 0, 0), "model_output"),
+        (ddim, (x, x, t, t[:1], table, 0.0, 0, False, None, 0, 0), "t_prev"),
+        (ddim, (x, x, t, t, table, 0.0, 5, False, None, 0, 0), "prediction_type"),
+        (ddim, (x, x, t, t, table, -1.0, 0, False, None, 0, 0), "eta"),
+        (ddim, (x, x, t, t, table, 1.0, 0, False, None, -3, 0), "seed"),
+        (ddim, (x, x, t, t, table, 1.0, 0, False, x[:1], 0, 0), "noise"),
+        (ddpm, (x, x, t, table, 0, 2, False, None, 0, 0), "model_output"),
+        (ddpm, (x, mo2, t, table, 0, 7, False, None, 0, 0), "variance_type"),
+        (ddpm, (x, x, t, table[:1], 0, 0, False, None, 0, 0), "alphas_cumprod"),
+        (ddpm, (x, x, t, table, 0, 0, False, None, 0, -1), "offset"),
+        (loss, (mo2, x, x, x, t, table, 0, 0), "variance_type"),
+        (loss, (mo2, x, x[:1], x, t, table, 0, 2), "x_t"),
+    ]
+    for op, args, name in bad:
+        with pytest.raises(RuntimeError) as real:
+            op(*args)
+        with pytest.raises(RuntimeError) as fake:
+            _fake_call(op, args)
+        for info in (real, fake):
+            assert str(info.value).startswith(f"{name}:"), (op, name, str(info.value))
+    cl = x.contiguous(memory_format=torch.channels_last)
+    strided = torch.randn(2, 3, 4, 8)[..., ::2]
+    for op, args in [(q, (cl, cl, t, table)), (q, (strided, strided, t, table)),
+                     (ddim, (cl, cl, t, t - 1, table, 1.0, 2, True, None, 3, 4)),
+                     (ddpm, (x, mo2, t, table, 1, 3, False, x, 0, 0)), (loss, (mo2, x, x, x, t, table, 0, 2))]:
+        real, fake = op(*args), _fake_call(op, args)
+        for r, f in zip(real if isinstance(real, tuple) else (real,), fake if isinstance(fake, tuple) else (fake,)):
+            assert (f.shape, f.dtype, f.stride(), f.device) == (r.shape, r.dtype, r.stride(), r.device)

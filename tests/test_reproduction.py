@@ -12,11 +12,11 @@ import torch
 
 from diffcore.data import fashion_mnist_root
 from diffcore.pretrained import default_model_path
-from diffcore.reproduction.cli import main
-from diffcore.reproduction.context import Context, Scorer
-from diffcore.reproduction.report import write_report
-from diffcore.reproduction.settings import ReproSettings
-from diffcore.reproduction.stages import Stage, all_stages, run_stage
+from reproduction.cli import main
+from reproduction.context import Context, Scorer
+from reproduction.report import write_report
+from reproduction.settings import ReproSettings
+from reproduction.stages import Stage, all_stages, run_stage
 
 
 def _have_data() -> bool:
@@ -33,6 +33,7 @@ needs_data = pytest.mark.skipif(not _have_data() or not (default_model_path() / 
 matplotlib = pytest.importorskip("matplotlib")
 
 
+@pytest.mark.slow
 @needs_data
 def test_quick_preset_runs_every_stage_and_the_report_quotes_the_stored_numbers(tmp_path, one_thread):
     out, work = tmp_path / "rep", tmp_path / "work"
@@ -43,7 +44,7 @@ def test_quick_preset_runs_every_stage_and_the_report_quotes_the_stored_numbers(
         assert record["fingerprint"] == settings.fingerprint(*stage.fields)
     report = (tmp_path / "rep.md").read_text()
     table1 = json.loads((out / "results" / "ddim-table1.json").read_text())["data"]
-    from diffcore.reproduction.claims import fmt
+    from reproduction.claims import fmt
 
     for eta in settings.ddim_etas:
         row = [run for run in table1["runs"] if run["eta"] == eta]
@@ -129,7 +130,7 @@ def test_table1_claims_follow_the_stored_numbers(tmp_path, paper_like):
 
 
 def test_comparisons_within_the_noise_are_ties():
-    from diffcore.reproduction.claims import combine, decreasing, lower
+    from reproduction.claims import combine, decreasing, lower
 
     assert lower(10.0, 20.0, 5.0) is True and lower(20.0, 10.0, 5.0) is False and lower(12.0, 10.0, 5.0) is None
     assert combine([True, None]) is None and combine([True, False, None]) is False and combine([True]) is True

@@ -15,7 +15,7 @@ from diffcore.analytic import GaussianData
 from diffcore.diffusion import GaussianDiffusion
 from diffcore.samplers import (ddim_invert, ddim_sample, ddpm_sample, initial_noise, ode_sample, ode_sigmas, slerp,
                                slerp_path)
-from diffcore.sampling import save_image_grid
+from diffcore.images import save_image_grid
 from diffcore.schedules import make_schedule
 
 torch.set_num_threads(1)
@@ -179,6 +179,118 @@ def test_ddim_inversion_reconstruction_error_shrinks_with_steps(linear):
     assert (latent.sample - exact).norm(dim=1).mean().item() < 0.05
 
 
+# ------------------------------------------------------------------ model outputs, clipping conventions, callbacks
+class SampleOutput:
+    """Like diffusers' UNet2DOutput: an object whose .sample is the tensor."""
+
+    def __init__(self, sample):
+        self.sample = sample
+
+
+@pytest.mark.parametrize("wrap", [lambda o: SampleOutput(o), lambda o: (o, "extra"), lambda o: [o],
+                                  lambda o: {"sample": o, "other": 1}], ids=["object", "tuple", "list", "dict"])
+def test_wrapped_model_outputs_are_unwrapped_by_every_sampler(linear, wrap):
+    d = GaussianDiffusion(linear, "eps", "learned_range").respaced(20)
+    plain = toy_image_model(learned=True)
+    wrapped = lambda x, t: wrap(plain(x, t))  # noqa: E731
+    x0 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    for run in (lambda m: ddpm_sample(m, d, (2, 3, 4, 4), seed=3, progress=False).sample,
+                lambda m: ddim_sample(m, d, (2, 3, 4, 4), steps=5, eta=0.5, seed=3, progress=False).sample,
+                lambda m: ode_sample(m, d, (2, 3, 4, 4), steps=5, seed=3, progress=False).sample,
+                lambda m: ddim_invert(m, d, x0, steps=5, progress=False).sample,
+                lambda m: d.training_losses(m, x0, torch.tensor([3, 17]), torch.ones_like(x0)).loss):
+        assert torch.equal(run(wrapped), run(plain))
+
+
+def test_unwrappable_model_outputs_are_clear_errors(linear):
+    d = GaussianDiffusion(linear)
+    for bad in (lambda x, t: {"prediction": x}, lambda x, t: (), lambda x, t: None, lambda x, t: SampleOutput(None)):
+        with pytest.raises(TypeError, match=r"model output: expected a torch.Tensor, an object with a .sample"):
+            ddim_sample(bad, d, (2, 2), steps=3, progress=False)
+
+
+def ddim_step_by_hand(x, eps, abar_t, abar_s, rederive):
+    """One deterministic clipped DDIM step written out in float64 (DDIM eq. 12 with eta = 0)."""
+    x0 = (x - (1 - abar_t) ** 0.5 * eps) / abar_t**0.5
+    clipped = x0.clamp(-1, 1)
+    if rederive:
+        eps = (x - abar_t**0.5 * clipped) / (1 - abar_t) ** 0.5
+    return abar_s**0.5 * clipped + (1 - abar_s) ** 0.5 * eps, clipped
+
+
+@pytest.mark.parametrize("rederive", [True, False])
+def test_clipped_ddim_step_rederives_eps_or_keeps_the_models(linear, rederive):
+    d = GaussianDiffusion(linear)
+    x_T = 3.0 * torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(1), dtype=F64)  # clipping binds
+    model = toy_image_model()
+    result = ddim_sample(model, d, x_T=x_T, steps=[300, 600], clip_denoised=True, rederive_eps_from_clipped_x0=rederive,
+                         return_intermediates=True, progress=False)
+    abar = linear.alphas_cumprod
+    expected, clipped = ddim_step_by_hand(x_T, model(x_T, torch.full((4,), 600)), abar[600], abar[300], rederive)
+    unclipped_x0 = (x_T - (1 - abar[600]).sqrt() * model(x_T, torch.full((4,), 600))) / abar[600].sqrt()
+    assert not torch.equal(clipped, unclipped_x0)  # clipping binds
+    torch.testing.assert_close(result.x_t[0], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(result.pred_x0[0], clipped, rtol=1e-12, atol=1e-12)
+    other = ddim_sample(model, d, x_T=x_T, steps=[300, 600], clip_denoised=True,
+                        rederive_eps_from_clipped_x0=not rederive, progress=False)
+    assert not torch.allclose(other.sample, result.sample)  # the two conventions differ where clipping binds
+    unclipped = [ddim_sample(model, d, x_T=x_T, steps=[300, 600], rederive_eps_from_clipped_x0=flag,
+                             progress=False).sample for flag in (True, False)]
+    assert torch.equal(*unclipped)  # without clipping the option changes nothing
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+@pytest.mark.parametrize("use_clipped_model_output", [True, False])
+def test_ddim_matches_diffusers_ddim_scheduler_on_a_diffusers_unet(eta, use_clipped_model_output):
+    """A diffusers UNet2DModel (returning UNet2DOutput) sampled by diffcore's DDIM and by diffusers' DDIMScheduler
+    from the same x_T, with the same noise (diffcore's Philox draw of step k handed to diffusers as
+    variance_noise) and clip_sample=True in both of its conventions; in float64, so that only rounding differs."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffcore.reference.philox import philox_normal_like
+    from diffcore.schedules import NoiseSchedule
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=2, out_channels=2, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).double().eval()
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=100, beta_schedule="linear", beta_start=1e-3,
+                                        beta_end=0.2, clip_sample=True, set_alpha_to_one=True)
+    scheduler.set_timesteps(10)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()  # its scalar arithmetic in float64 too
+    x_T = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(2), dtype=F64)
+    seed = 7
+    x = x_T
+    with torch.no_grad():
+        for k, t in enumerate(scheduler.timesteps):
+            noise = philox_normal_like(x, seed, k + 1) if eta > 0 else None
+            x = scheduler.step(unet(x, t).sample, t, x, eta=eta, use_clipped_model_output=use_clipped_model_output,
+                               variance_noise=noise).prev_sample
+    d = GaussianDiffusion(NoiseSchedule.from_alphas_cumprod(scheduler.alphas_cumprod.double()), "epsilon")
+    ours = ddim_sample(unet, d, x_T=x_T, steps=10, skip_type="uniform", eta=eta, clip_denoised=True,
+                       rederive_eps_from_clipped_x0=use_clipped_model_output, seed=seed, progress=False)
+    assert ours.timesteps == tuple(scheduler.timesteps.tolist())
+    torch.testing.assert_close(ours.sample, x, rtol=1e-10, atol=1e-10)
+    other = ddim_sample(unet, d, x_T=x_T, steps=10, eta=eta, clip_denoised=True, seed=seed, progress=False,
+                        rederive_eps_from_clipped_x0=not use_clipped_model_output)
+    assert (other.sample - x).abs().max() > 1e-3  # the test tells the two conventions apart
+
+
+def test_callback_sees_each_step_like_the_intermediates(linear):
+    d = GaussianDiffusion(linear, "eps", "learned_range")
+    model = toy_image_model(learned=True)
+    for run in (lambda **kw: ddpm_sample(model, d, (2, 3, 2, 2), steps=6, seed=1, progress=False, **kw),
+                lambda **kw: ddim_sample(model, d, (2, 3, 2, 2), steps=6, eta=0.3, seed=1, progress=False, **kw),
+                lambda **kw: ode_sample(model, d, (2, 3, 2, 2), steps=6, seed=1, progress=False, **kw)):
+        seen = []
+        result = run(callback=lambda k, x, x0: seen.append((k, x, x0)), return_intermediates=True)
+        assert [k for k, _, _ in seen] == list(range(len(result.timesteps)))
+        assert all(torch.equal(x, a) and torch.equal(x0, b) for (_, x, x0), a, b in zip(seen, result.x_t,
+                                                                                       result.pred_x0))
+        assert torch.equal(run(callback=None).sample, result.sample)
+    with pytest.raises(TypeError, match="callback: expected a callable"):
+        ddim_sample(model, d, (2, 3, 2, 2), steps=3, callback=3, progress=False)
+
+
 # ---------------------------------------------------------------------------------- reproducibility & paths
 def test_seeds_reproduce_bit_for_bit(linear):
     d = GaussianDiffusion(linear.to("cpu"), "eps", "learned_range").respaced(50)
@@ -318,22 +430,18 @@ def test_sample_front_door_recovers_the_data(fast):
 
 
 def test_sample_front_door_default_model(linear, monkeypatch):
-    """model=None goes through diffcore.pretrained.load_default(device=...); without that module: a clear error."""
-    import sys
+    """model=None goes through diffcore.pretrained.load_default(device=...) and uses its diffusion and shape."""
     import types
 
-    monkeypatch.setitem(sys.modules, "diffcore.pretrained", None)  # as in an install without the module
-    with pytest.raises(RuntimeError, match="no packaged default model is available yet.*Pass your own"):
-        diffcore.sample()
+    from diffcore.pipelines import sample as front_door
+
     d = GaussianDiffusion(make_schedule("cosine", 50))
-    fake = types.ModuleType("diffcore.pretrained")
     asked = {}
 
     def load_default(device=None):
         asked["device"] = device
         return types.SimpleNamespace(model=lambda x, t: torch.zeros_like(x), diffusion=d, image_shape=(1, 3, 3))
-    fake.load_default = load_default
-    monkeypatch.setitem(sys.modules, "diffcore.pretrained", fake)
+    monkeypatch.setattr(front_door, "load_default", load_default)
     images = diffcore.sample(n=2, steps=5, seed=0, device="cpu", progress=False)
     assert images.shape == (2, 1, 3, 3) and asked["device"] == "cpu"
 
@@ -358,6 +466,12 @@ def test_sampler_errors_are_clear(linear):
     model = lambda x, t: torch.zeros_like(x)  # noqa: E731
     with pytest.raises(ValueError, match="eta: expected a float >= 0, got -1"):
         ddim_sample(model, d, (2, 2), eta=-1.0, progress=False)
+    with pytest.raises(ValueError, match="eta: expected a float >= 0, got nan"):
+        ddim_sample(model, d, (2, 2), eta=float("nan"), progress=False)
+    with pytest.raises(TypeError, match="dtype: expected a floating-point torch.dtype"):
+        ddpm_sample(model, d, (2, 2), dtype=torch.int64, progress=False)
+    with pytest.raises(TypeError, match="rederive_eps_from_clipped_x0: expected a bool"):
+        ddim_sample(model, d, (2, 2), clip_denoised=True, rederive_eps_from_clipped_x0="no", progress=False)
     with pytest.raises(ValueError, match="steps: expected at most the process's 1000 timesteps, got 1500"):
         ddim_sample(model, d, (2, 2), steps=1500, progress=False)
     with pytest.raises(ValueError, match="steps: expected at most"):

@@ -149,13 +149,13 @@ def test_lr_warmup_and_log_quarters(tmp_path):
     trainer._reset_meters()
     trainer._accumulate({"t": torch.tensor([0, 1, 2, 7, 7]), "loss": torch.tensor([1.0, 3.0, 10.0, 4.0, 8.0]),
                          "mse": torch.tensor([1.0, 1, 1, 1, 1]), "vb": torch.tensor([0.0, 0, 0, 0, 5]),
-                         "grad_norm": torch.tensor(2.0)})
+                         "grad_norm": torch.tensor(2.0), "nonfinite": torch.tensor(False)})
     trainer.step = 1
     record = trainer._log_record()
     assert record["loss"] == pytest.approx(26 / 5) and record["vb"] == pytest.approx(1.0)
     # quarters of T = 8: t in {0, 1} -> q0, {2, 3} -> q1, {6, 7} -> q3, none in q2
     assert (record["loss_q0"], record["loss_q1"], record["loss_q2"], record["loss_q3"]) == (2.0, 10.0, None, 6.0)
-    assert record["grad_norm"] == 2.0 and record["lr"] == pytest.approx(2.5e-4)
+    assert record["grad_norm"] == 2.0 and record["lr"] == pytest.approx(2.5e-4) and record["nonfinite_steps"] == 0
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -289,9 +289,12 @@ def test_resume_treats_fields_added_later_as_their_defaults():
     config = TrainConfig(total_steps=10)
     older = config.to_dict()
     del older["ema_warmup"]  # a checkpoint written before the field existed
-    assert resume_differences(older, config) == []
-    assert resume_differences(older, config.replace(ema_warmup=True)) != []
+    assert resume_differences(older, config, version=1) == []
+    assert resume_differences(older, config.replace(ema_warmup=True), version=1) != []
     changed = dict(older, lr=1.0)
-    assert any("lr" in d for d in resume_differences(changed, config))
-    assert resume_differences(dict(older, total_steps=99), config) == []  # resumable change
-    assert "not a valid TrainConfig" in resume_differences(dict(older, bogus=1), config)[0]
+    assert any("lr" in d for d in resume_differences(changed, config, version=1))
+    assert resume_differences(dict(older, total_steps=99), config, version=1) == []  # resumable change
+    assert "not a valid TrainConfig" in resume_differences(dict(older, bogus=1), config, version=1)[0]
+    # a field of the first format may not be absent, whatever the version
+    del older["num_timesteps"]
+    assert "lacks 'num_timesteps'" in resume_differences(older, config, version=1)[0]

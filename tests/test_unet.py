@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffcore.nn.blocks import AttentionBlock, Downsample, ResBlock, timestep_embedding
+from diffcore.unet.blocks import AttentionBlock, Downsample, ResBlock, timestep_embedding
 from diffcore.unet import UNet, UNetConfig
 
 torch.set_num_threads(1)

@@ -7,10 +7,11 @@
   -sqrt(1 - abar_t) s grad log p(y | x_t, t) of any differentiable classifier, e.g. a :class:`NoisyClassifier`
   trained with :func:`train_noisy_classifier`.
 
-Both wrappers return callables with the samplers' model signature ``model(x, t, **model_kwargs)``, so they
-plug into :func:`diffcore.samplers.ddim_sample`, :func:`~diffcore.samplers.ddpm_sample` and the ODE solvers,
-and compose (classifier guidance of a classifier-free-guided model). Neither reads a tensor value back to the
-host when called, so they keep the samplers' loops free of host-device syncs.
+Both wrappers return callables with the samplers' model signature ``model(x, t, **model_kwargs)`` (see
+:mod:`diffcore.samplers`; the wrapped model may return its output wrapped as diffusers' models do, the wrappers
+return a tensor), so they plug into :func:`diffcore.samplers.ddim_sample`, :func:`~diffcore.samplers.ddpm_sample`
+and the ODE solvers, and compose (classifier guidance of a classifier-free-guided model). Neither reads a tensor
+value back to the host when called, so they keep the samplers' loops free of host-device syncs.
 """
 from ._checks import Scale
 from .classifier import Classifier, ClassifierGuidance, classifier_guidance, classifier_log_prob_grad

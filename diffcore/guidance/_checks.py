@@ -1,5 +1,7 @@
-"""Checks and small helpers shared by the guidance wrappers: guidance scales, class labels, splitting a model
-output into its prediction and variance channels, and per-device copies made once (never inside a loop)."""
+"""Checks and small helpers shared by the guidance wrappers: guidance scales, class labels, and per-device copies
+made once (never inside a loop). A wrapped model's output is unwrapped and split by
+:func:`diffcore.diffusion.model_output_tensor` and :func:`diffcore.diffusion.split_model_output`, the samplers'
+own."""
 from __future__ import annotations
 
 import math
@@ -7,12 +9,12 @@ from typing import Optional, Union
 
 import torch
 
-from ..reference import formulas as F
+from ..reference import formulas
 
 #: a guidance scale: one float for the whole batch, or a float tensor ``[B]`` (one per sample)
 Scale = Union[float, torch.Tensor]
 
-__all__ = ["Scale", "check_scale", "check_labels", "DeviceCache", "split_prediction", "scale_like"]
+__all__ = ["Scale", "check_scale", "check_labels", "DeviceCache", "scale_like"]
 
 
 def check_scale(scale: Scale, name: str = "scale") -> Scale:
@@ -71,26 +73,6 @@ class DeviceCache:
         return self._copies[key]
 
 
-def split_prediction(out: torch.Tensor, x: torch.Tensor, what: str = "model output"
-                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(prediction ``[B, C, ...]``, variance channels ``[B, C, ...]`` or None) of a model output for ``x``.
-
-    ``out`` is ``[B, C, ...]`` like x (fixed variance) or ``[B, 2C, ...]`` (the prediction, then the variance
-    output of a learned-variance model); anything else raises a ValueError.
-    """
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{what}: expected a torch.Tensor, got {type(out).__name__}")
-    if out.shape == x.shape:
-        return out, None
-    if x.dim() >= 2 and out.dim() == x.dim() and out.shape[0] == x.shape[0] and out.shape[1] == 2 * x.shape[1] \
-            and out.shape[2:] == x.shape[2:]:
-        channels = x.shape[1]
-        return out[:, :channels], out[:, channels:]
-    twice = (tuple(x.shape[:1]) + (2 * x.shape[1],) + tuple(x.shape[2:])) if x.dim() >= 2 else None
-    expected = f"{tuple(x.shape)}" + (f" or {twice} (learned variance)" if twice else "")
-    raise ValueError(f"{what}: expected shape {expected} for x of shape {tuple(x.shape)}, got {tuple(out.shape)}")
-
-
 def scale_like(scale: Scale, cache: Optional[DeviceCache], like: torch.Tensor, name: str = "scale"
                ) -> "float | torch.Tensor":
     """The scale ready to broadcast against ``like`` ``[B, ...]``: the float itself, or the per-sample tensor
@@ -101,4 +83,4 @@ def scale_like(scale: Scale, cache: Optional[DeviceCache], like: torch.Tensor, n
     if values.shape[0] != like.shape[0]:
         raise ValueError(f"{name}: expected {like.shape[0]} per-sample scales (one per sample of x), "
                          f"got {values.shape[0]}")
-    return F.per_sample(values, like)
+    return formulas.per_sample(values, like)

@@ -15,9 +15,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..reference import formulas as F
+from ..diffusion import model_output_tensor, split_model_output
+from ..reference import formulas
 from ..types import PredictionType, as_prediction_type
-from ._checks import DeviceCache, Scale, check_labels, check_scale, scale_like, split_prediction
+from ._checks import DeviceCache, Scale, check_labels, check_scale, scale_like
 
 __all__ = ["ClassifierGuidance", "classifier_guidance", "classifier_log_prob_grad"]
 
@@ -102,21 +103,21 @@ class ClassifierGuidance:
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.shape != (batch,):
             got = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise TypeError(f"t: expected int64 timesteps [{batch}], got {got}")
-        out = self.model(x, t, **model_kwargs)
-        prediction, variance = split_prediction(out, x)
+        out = model_output_tensor(self.model(x, t, **model_kwargs))
+        prediction, variance = split_model_output(out, x)
         y = self._labels.get(x.device)
         grad = classifier_log_prob_grad(self.classifier, x, t, y, y_max=self._y_max)
         dtype = prediction.dtype
-        abar = F.per_sample(self._abar.get(x.device)[t], prediction).to(dtype)
+        abar = formulas.per_sample(self._abar.get(x.device)[t], prediction).to(dtype)
         shift = (1.0 - abar).sqrt() * scale_like(self.scale, self._scale_cache, prediction) * grad.to(dtype)
         x_t = x.to(dtype)
         if self.prediction_type == PredictionType.EPS:
             guided = prediction - shift
         else:
-            _, eps = F.predict_x0_eps(prediction, x_t, abar, self.prediction_type, False)
+            _, eps = formulas.predict_x0_eps(prediction, x_t, abar, self.prediction_type, False)
             eps = eps - shift
-            x0 = F.x0_from_eps(x_t, eps, abar)
-            guided = x0 if self.prediction_type == PredictionType.X0 else F.v_target(x0, eps, abar)
+            x0 = formulas.x0_from_eps(x_t, eps, abar)
+            guided = x0 if self.prediction_type == PredictionType.X0 else formulas.v_target(x0, eps, abar)
         guided = guided.detach()
         return guided if variance is None else torch.cat([guided, variance.detach()], dim=1)
 

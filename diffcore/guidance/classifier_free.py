@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 import torch
 
-from ._checks import DeviceCache, Scale, check_labels, check_scale, scale_like, split_prediction
+from ..diffusion import model_output_tensor, split_model_output
+from ._checks import DeviceCache, Scale, check_labels, check_scale, scale_like
 
 __all__ = ["ClassifierFreeGuidance", "classifier_free_guidance", "drop_labels"]
 
@@ -70,17 +71,18 @@ class ClassifierFreeGuidance:
         if self.y.shape[0] != batch:
             raise ValueError(f"y: expected {batch} labels (one per sample of x), got {self.y.shape[0]}")
         if self.conditional_only:
-            return self.model(x, t, **{self.label_kwarg: self._labels.get(x.device)}, **model_kwargs)
+            return model_output_tensor(self.model(x, t, **{self.label_kwarg: self._labels.get(x.device)},
+                                                  **model_kwargs))
         doubled = {key: torch.cat([value, value]) if _per_sample(value, batch) else value
                    for key, value in model_kwargs.items()}
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]),
-                         **{self.label_kwarg: self._both.get(x.device)}, **doubled)
+        out = model_output_tensor(self.model(torch.cat([x, x]), torch.cat([t, t]),
+                                             **{self.label_kwarg: self._both.get(x.device)}, **doubled))
         if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != 2 * batch:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"model output: expected a tensor with batch {2 * batch} (conditional and "
                              f"unconditional halves), got {got}")
-        cond, cond_var = split_prediction(out[:batch], x)
-        uncond, _ = split_prediction(out[batch:], x)
+        cond, cond_var = split_model_output(out[:batch], x)
+        uncond, _ = split_model_output(out[batch:], x)
         scale = scale_like(self.scale, self._scale_cache, cond)
         # lerp is exact at its ends: scale 1 gives cond and scale 0 uncond bit for bit
         guided = torch.lerp(uncond, cond, scale)

@@ -8,13 +8,13 @@ linear layer to K logits. It is trained with cross-entropy on x_t = q_sample(x0,
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as nnF
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .. import ops
-from ..nn.blocks import Downsample, EmbedSequential, ResBlock, conv3x3, normalization, timestep_embedding
-from ..nn.unet_config import UNetConfig
+from ..unet.blocks import Downsample, EmbedSequential, ResBlock, conv3x3, normalization, timestep_embedding
+from ..unet.config import UNetConfig
 
 __all__ = ["NoisyClassifier", "train_noisy_classifier"]
 
@@ -23,7 +23,7 @@ class NoisyClassifier(nn.Module):
     """Timestep-conditioned CNN classifier: ``classifier(x_t [B, C, H, W], t [B]) -> logits [B, K]``.
 
     Args:
-        config: a :class:`~diffcore.nn.unet_config.UNetConfig` with ``num_classes = K``; uses ``in_channels``,
+        config: a :class:`~diffcore.unet.UNetConfig` with ``num_classes = K``; uses ``in_channels``,
             ``model_channels``, ``channel_mult``, ``num_res_blocks``, ``dropout``, ``use_scale_shift_norm``,
             ``conv_resample``, ``norm_groups`` (attention and ``learn_sigma`` are ignored). H and W must be
             multiples of ``config.size_multiple``. E.g. ``UNetConfig(in_channels=1, model_channels=32,
@@ -119,7 +119,7 @@ def train_noisy_classifier(classifier: nn.Module, images: torch.Tensor, labels: 
         x0 = images[index.to(images.device)].to(device=device, dtype=dtype)
         noise = torch.randn(x0.shape, generator=noise_gen, device=device, dtype=dtype)
         x_t = ops.q_sample(x0, noise, t, abar, check_values=False)
-        loss = nnF.cross_entropy(classifier(x_t, t), labels[index.to(labels.device)].to(device))
+        loss = F.cross_entropy(classifier(x_t, t), labels[index.to(labels.device)].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,10 +1,10 @@
 """Inverse problems: degradation operators, measurement noise, quality metrics, baselines and DPS.
 
-Example (x: clean images [B, 3, 32, 32] in [-1, 1]; model, alphas_cumprod, timestep_map from a diffusion)::
+Example (x: clean images [B, 3, 32, 32] in [-1, 1]; model and its GaussianDiffusion ``diffusion``)::
 
     op = make_operator("sr4", (3, 32, 32))
     y = GaussianNoise(0.05)(op(x), seed=0)
-    result = dps_sample(model, op, y, alphas_cumprod, timestep_map, zeta=1.0, seed=0)
+    result = dps_sample(model, diffusion.respaced(250), op, y, zeta=1.0, seed=0)
     psnr(result.sample, x), ssim(result.sample, x)
 """
 from .base import LinearOperator

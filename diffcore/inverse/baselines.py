@@ -12,13 +12,16 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import ops
+from ..diffusion import GaussianDiffusion, Model
+from ..ops import Impl
 from ..reference.philox import philox_normal_like
-from ..types import PredictionType, VarianceType
-from ._sampling import Model, Sampler, call_model, make_process, start
+from ..respace import SkipType, StepsSpec
+from ..samplers.loop import Intermediates, StepCallback, steps_progress, timestep_rows
+from ..samplers.step import SamplerName, reverse_step
 from .base import LinearOperator
+from .dps import start_from_measurement
 from .masks import MaskOperator
 
 __all__ = ["naive_inpaint_sample", "pseudo_inverse_baseline"]
@@ -33,39 +36,43 @@ def pseudo_inverse_baseline(operator: LinearOperator, y: torch.Tensor, clamp: bo
 
 
 @torch.no_grad()
-def naive_inpaint_sample(model: Model, operator: MaskOperator, y: torch.Tensor, alphas_cumprod: torch.Tensor,
-                         timestep_map: Optional[torch.Tensor] = None, *, sampler: Sampler = "ddpm",
-                         eta: float = 0.0, prediction_type: "PredictionType | str" = PredictionType.EPS,
-                         variance_type: "VarianceType | str" = VarianceType.FIXED_SMALL,
-                         clip_denoised: bool = False, x_T: Optional[torch.Tensor] = None,
+def naive_inpaint_sample(model: Model, diffusion: GaussianDiffusion, operator: MaskOperator, y: torch.Tensor, *,
+                         sampler: SamplerName = "ddpm", steps: Optional[StepsSpec] = None,
+                         skip_type: SkipType = "even", eta: float = 0.0, x_T: Optional[torch.Tensor] = None,
+                         clip_denoised: bool = False, model_kwargs: Optional[dict[str, Any]] = None,
                          seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                         model_kwargs: Optional[dict[str, Any]] = None, progress: bool = True) -> torch.Tensor:
+                         progress: bool = True, callback: Optional[StepCallback] = None,
+                         impl: Impl = "auto") -> torch.Tensor:
     """Inpainting by replacement: x_{i-1} = m * q(y at index i-1) + (1 - m) * step(x_i).
 
-    Args as in :func:`diffcore.inverse.dps_sample` (``model``, the tables, sampler settings, seeding); the
-    operator must be a :class:`MaskOperator` (inpaint-box, inpaint-random, outpaint) and y its measurement
-    ``[B, C, H, W]`` (observed pixels, anything elsewhere). The replacement noise is drawn from the same seed
-    at the "extra" Philox offsets. Returns the samples ``[B, C, H, W]``, equal to y on the observed pixels.
+    Args as in :func:`diffcore.inverse.dps_sample` (``model``, ``diffusion``, sampler settings, seeding; the
+    step is the samplers' reverse step); the operator must be a :class:`MaskOperator` (inpaint-box,
+    inpaint-random, outpaint) and y its measurement ``[B, C, H, W]`` (observed pixels, anything elsewhere).
+    Noise: x_T at Philox offset 0 and step k at offset k + 1 of the seed, as in every sampler; the replacement
+    noise of step k at offset 1 + S + k (S steps). ``callback(k, x, pred_x0)`` sees x after the replacement.
+    Returns the samples ``[B, C, H, W]``, equal to y on the observed pixels.
     """
     if not isinstance(operator, MaskOperator):
         raise TypeError(f"operator: the naive baseline needs a MaskOperator (inpainting/outpainting), "
                         f"got {type(operator).__name__}")
-    operator._check_measurement(y)
-    process = make_process(alphas_cumprod, timestep_map, y.device, sampler=sampler, eta=eta,
-                           prediction_type=prediction_type, variance_type=variance_type,
-                           clip_denoised=clip_denoised)
-    x, seed = start((y.shape[0],) + operator.image_shape, y, seed, generator, x_T)
+    diffusion, x, seed = start_from_measurement(diffusion, operator, y, x_T, steps=steps, skip_type=skip_type,
+                                                seed=seed, generator=generator)
+    step = reverse_step(diffusion, sampler, eta=eta, clip_denoised=clip_denoised, seed=seed, impl=impl)
     mask = operator.mask.to(device=y.device, dtype=y.dtype)
     known = y * mask
-    batch, steps = y.shape[0], process.num_steps
-    for k, i in enumerate(tqdm(range(steps - 1, -1, -1), desc="naive inpainting", disable=not progress)):
-        index = torch.full((batch,), i, dtype=torch.int64, device=x.device)
-        output = call_model(model, x, process.timestep_map[index], model_kwargs, process)
-        x, _ = process.step(x, output, index, seed, process.noise_offset(k))
-        if i > 0:
-            noise = philox_normal_like(x, seed, process.noise_offset(k, extra=True))
-            target = ops.q_sample(known, noise, index - 1, process.alphas_cumprod, check_values=False)
+    batch, num_steps = y.shape[0], diffusion.num_timesteps
+    rows = timestep_rows(range(num_steps - 1, -1, -1), batch, x.device)
+    prev_rows = rows - 1
+    record = Intermediates(False, callback)
+    for k in steps_progress(num_steps, progress, "naive inpainting"):
+        out = diffusion.call_model(model, x, rows[k], model_kwargs)
+        x, pred_x0 = step(x, out, rows[k], prev_rows[k], k)
+        if k < num_steps - 1:
+            noise = philox_normal_like(x, seed, 1 + num_steps + k)
+            target = ops.q_sample(known, noise, prev_rows[k], diffusion.alphas_cumprod, impl=impl,
+                                  check_values=False)
         else:
             target = known
         x = mask * target + (1.0 - mask) * x
+        record.add(x, pred_x0)
     return x

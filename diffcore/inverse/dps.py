@@ -3,9 +3,11 @@ Problems", Algorithms 1 and 2) on the DDPM and DDIM samplers.
 
 At each step i of the reverse process, with x = x_i:
 
-1. the model's prediction gives x0_hat(x) (Tweedie's estimate, eq. 10; ``formulas.predict_x0_eps``);
-2. the unconditional step gives x'_{i-1} (``ops.ddpm_step`` or ``ops.ddim_step``, with the model output
-   detached);
+1. the model's prediction gives x0_hat(x) (Tweedie's estimate, eq. 10;
+   :meth:`GaussianDiffusion.predict_x0_eps <diffcore.diffusion.GaussianDiffusion.predict_x0_eps>`);
+2. the unconditional step gives x'_{i-1}: the samplers' reverse step (:mod:`diffcore.samplers.step`, DDPM or
+   DDIM, with the model output detached), the very step of :func:`~diffcore.samplers.ddpm_sample` /
+   :func:`~diffcore.samplers.ddim_sample`;
 3. the guidance gradient g = grad_x ||y - A(x0_hat(x))|| flows back through the model; each image has its own
    residual norm (the sum of per-image norms is differentiated, so images of a batch do not interact, unlike the
    paper's code, which takes one norm over the whole batch);
@@ -18,6 +20,11 @@ model the norm is its weighted norm (Algorithm 2).
 
 Nothing is kept across steps (x is detached after each), so memory does not grow with the number of steps;
 nothing is read back to the host inside the loop (the per-step residual norms are written into a tensor).
+
+The process is a :class:`~diffcore.diffusion.GaussianDiffusion` as for every sampler: pass the respaced one
+(``diffusion.respaced(250)``) or ``steps=``. Noise follows the samplers' convention (Philox keyed by one seed:
+x_T at offset 0, step k at offset k + 1), so DPS with zeta = 0 reproduces ``ddpm_sample`` / ``ddim_sample`` of
+the same process and seed exactly, and image b of a batch gets the same noise whatever the batch size.
 """
 from __future__ import annotations
 
@@ -25,15 +32,19 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
 
-from ..reference import formulas
-from ..types import PredictionType, VarianceType
-from ._sampling import Model, Sampler, call_model, make_process, start
+from ..diffusion import GaussianDiffusion, Model
+from ..ops import Impl
+from ..respace import SkipType, StepsSpec
+from ..samplers.loop import Intermediates, StepCallback, prepare, steps_progress, timestep_rows
+from ..samplers.step import SamplerName, reverse_step
 from .base import check_batch
 from .noise import NoiseModel, residual_norm
 
-__all__ = ["DPSResult", "dps_sample", "image_shape_for"]
+__all__ = ["DPSResult", "dps_sample", "image_shape_for", "start_from_measurement"]
+
+#: a forward map A: ``[B, C, H, W] -> [B, ...]`` (a :class:`~diffcore.inverse.LinearOperator` or any callable)
+Operator = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -46,7 +57,7 @@ class DPSResult:
     seed: int  #: the Philox seed the noise came from
 
 
-def image_shape_for(operator: Callable, y: torch.Tensor, x_T: Optional[torch.Tensor]) -> tuple[int, ...]:
+def image_shape_for(operator: Operator, y: torch.Tensor, x_T: Optional[torch.Tensor]) -> tuple[int, ...]:
     """The ``[B, C, H, W]`` shape to sample: x_T's, or (y's batch,) + ``operator.image_shape``."""
     if x_T is not None:
         return tuple(x_T.shape)
@@ -56,67 +67,91 @@ def image_shape_for(operator: Callable, y: torch.Tensor, x_T: Optional[torch.Ten
     return (y.shape[0],) + tuple(image_shape)
 
 
-def dps_sample(model: Model, operator: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor,
-               alphas_cumprod: torch.Tensor, timestep_map: Optional[torch.Tensor] = None, *,
-               zeta: float = 1.0, sampler: Sampler = "ddpm", eta: float = 0.0,
-               noise_model: Optional[NoiseModel] = None,
-               prediction_type: "PredictionType | str" = PredictionType.EPS,
-               variance_type: "VarianceType | str" = VarianceType.FIXED_SMALL, clip_denoised: bool = False,
-               x_T: Optional[torch.Tensor] = None, seed: Optional[int] = None,
-               generator: Optional[torch.Generator] = None, model_kwargs: Optional[dict[str, Any]] = None,
-               progress: bool = True) -> DPSResult:
-    """Sample x ~ p(x | y) approximately by DPS, for measurements ``y = A(x) + noise``.
+def start_from_measurement(diffusion: GaussianDiffusion, operator: Operator, y: torch.Tensor,
+                           x_T: Optional[torch.Tensor], *, steps: Optional[StepsSpec], skip_type: SkipType,
+                           seed: Optional[int], generator: Optional[torch.Generator]
+                           ) -> tuple[GaussianDiffusion, torch.Tensor, int]:
+    """The setup of a loop that samples images for measurements ``y`` ``[B, ...]`` (checked once, before it).
 
-    Args:
-        model: ``model(x, t, **model_kwargs)``; x ``[B, C, H, W]``, t int64 ``[B]`` original timesteps; returns
-            ``[B, C, ...]`` or ``[B, 2C, ...]`` (the first C channels are the prediction, eps by default; the rest
-            the variance output used by the DDPM step when ``variance_type`` is learned). Evaluated with grad.
-        operator: the differentiable forward map A (a :class:`~diffcore.inverse.LinearOperator` or any callable
-            ``[B, C, H, W] -> [B, ...]``).
-        y: measurements ``[B, ...]``, same dtype and device as the images to produce.
-        alphas_cumprod: float64 ``[S]``, alpha-bar of the (respaced) process.
-        timestep_map: int64 ``[S]``, the original timestep of each index (default ``arange(S)``).
-        zeta: guidance scale (see the module docstring), >= 0; 0 gives unconditional samples.
-        sampler: ``"ddpm"`` (ancestral, per ``variance_type``) or ``"ddim"`` (with ``eta``).
-        noise_model: defines the residual norm (its ``residual_norm(y, A x)``); None: the Euclidean norm.
-        clip_denoised: clamp x0_hat to [-1, 1] in both the step and the guidance (the official configs do).
-        x_T: starting noise ``[B, C, H, W]``; default Philox normals from ``seed``.
-        seed: Philox seed of all the noise (see :mod:`diffcore.inverse._sampling`); default drawn from
-            ``generator``.
-        progress: show a tqdm bar.
-    Returns: :class:`DPSResult` (sample in y's dtype).
+    Returns (the process, respaced by ``steps`` when given and on y's device; x_T ``[B, C, H, W]`` in y's dtype,
+    given or Philox noise of the seed at offset 0; the seed, given or drawn from ``generator``).
     """
-    if not zeta >= 0.0:
-        raise ValueError(f"zeta: expected a guidance scale >= 0, got {zeta}")
+    if not isinstance(diffusion, GaussianDiffusion):
+        raise TypeError(f"diffusion: expected a GaussianDiffusion (respaced for fewer steps), got "
+                        f"{type(diffusion).__name__}")
+    if not callable(operator):
+        raise TypeError(f"operator: expected a callable forward map A(x), got {type(operator).__name__}")
     if not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.dim() < 1:
         raise TypeError(f"y: expected a float tensor [B, ...] of measurements, got {type(y).__name__}")
-    process = make_process(alphas_cumprod, timestep_map, y.device, sampler=sampler, eta=eta,
-                           prediction_type=prediction_type, variance_type=variance_type,
-                           clip_denoised=clip_denoised)
-    norm_of = noise_model.residual_norm if noise_model is not None else residual_norm
     measurement_shape = getattr(operator, "measurement_shape", None)
     if measurement_shape is not None:
         check_batch("y", y, measurement_shape, "the operator's measurement_shape")
     shape = image_shape_for(operator, y, x_T)
     if shape[0] != y.shape[0]:
         raise ValueError(f"y: expected {shape[0]} measurements (one per image of x_T), got {y.shape[0]}")
-    x, seed = start(shape, y, seed, generator, x_T)
-    batch, steps = shape[0], process.num_steps
-    norms = y.new_zeros((steps, batch))
+    if x_T is not None:
+        if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
+            raise TypeError(f"x_T: expected a float tensor [B, C, H, W], got {type(x_T).__name__}")
+        x_T = x_T.to(device=y.device, dtype=y.dtype)
+    if steps is not None:
+        diffusion = diffusion.respaced(steps, skip_type)
+    return prepare(diffusion, None if x_T is not None else shape, x_T, dtype=y.dtype, device=y.device, seed=seed,
+                   generator=generator, needs_noise=True)
+
+
+def dps_sample(model: Model, diffusion: GaussianDiffusion, operator: Operator, y: torch.Tensor, *,
+               zeta: float = 1.0, noise_model: Optional[NoiseModel] = None, sampler: SamplerName = "ddpm",
+               steps: Optional[StepsSpec] = None, skip_type: SkipType = "even", eta: float = 0.0,
+               x_T: Optional[torch.Tensor] = None, clip_denoised: bool = False,
+               model_kwargs: Optional[dict[str, Any]] = None, seed: Optional[int] = None,
+               generator: Optional[torch.Generator] = None, progress: bool = True,
+               callback: Optional[StepCallback] = None, impl: Impl = "auto") -> DPSResult:
+    """Sample x ~ p(x | y) approximately by DPS, for measurements ``y = A(x) + noise``.
+
+    Args:
+        model: ``model(x, t, **model_kwargs)`` as for every sampler (:mod:`diffcore.samplers`): x
+            ``[B, C, H, W]``, t int64 ``[B]`` original timesteps; returns ``[B, C, ...]`` or ``[B, 2C, ...]``
+            (learned variance). Evaluated with grad (only x's gradient is taken).
+        diffusion: the process (its prediction and variance types and tables); every one of its timesteps is
+            visited, so pass a respaced one (``diffusion.respaced(250)``) or ``steps``.
+        operator: the differentiable forward map A (a :class:`~diffcore.inverse.LinearOperator` or any callable
+            ``[B, C, H, W] -> [B, ...]``; without ``image_shape`` x_T must be given).
+        y: measurements ``[B, ...]``, same dtype and device as the images to produce.
+        zeta: guidance scale (see the module docstring), a finite float >= 0; 0 gives unconditional samples.
+        noise_model: defines the residual norm (its ``residual_norm(y, A x)``); None: the Euclidean norm.
+        sampler: ``"ddpm"`` (ancestral, per the variance type) or ``"ddim"`` (with ``eta``).
+        steps, skip_type: respace ``diffusion`` first (as :func:`~diffcore.samplers.ddpm_sample` does); None
+            keeps it as given.
+        clip_denoised: clamp x0_hat to [-1, 1] in both the step and the guidance (the official configs do).
+        x_T: starting noise ``[B, C, H, W]``; default Philox normals from ``seed``.
+        seed / generator: the Philox seed of all the noise; default drawn from ``generator``.
+        progress: show a tqdm bar. callback: ``callback(k, x, pred_x0)`` after each step.
+        impl: ``"auto" | "fused" | "reference"`` for the step ops.
+    Returns: :class:`DPSResult` (sample in y's dtype).
+    """
+    if isinstance(zeta, bool) or not isinstance(zeta, (int, float)) or not 0.0 <= zeta < float("inf"):
+        raise ValueError(f"zeta: expected a finite guidance scale >= 0, got {zeta!r}")
+    diffusion, x, seed = start_from_measurement(diffusion, operator, y, x_T, steps=steps, skip_type=skip_type,
+                                                seed=seed, generator=generator)
+    step = reverse_step(diffusion, sampler, eta=eta, clip_denoised=clip_denoised, seed=seed, impl=impl)
+    norm_of = noise_model.residual_norm if noise_model is not None else residual_norm
+    batch, channels, num_steps = x.shape[0], x.shape[1], diffusion.num_timesteps
+    rows = timestep_rows(range(num_steps - 1, -1, -1), batch, x.device)
+    prev_rows = rows - 1  # DDIM's target index (-1: the final step to abar = 1)
+    norms = y.new_zeros((num_steps, batch))
     pred_x0 = torch.zeros_like(x)
+    record = Intermediates(False, callback)
     guided = zeta > 0.0  # zeta = 0: unconditional sampling, residual norms still recorded
-    for k, i in enumerate(tqdm(range(steps - 1, -1, -1), desc="DPS", disable=not progress)):
-        index = torch.full((batch,), i, dtype=torch.int64, device=x.device)
-        t_model = process.timestep_map[index]
+    for k in steps_progress(num_steps, progress, "DPS"):
         x_in = x.detach().requires_grad_(guided)
         with torch.set_grad_enabled(guided):
-            output = call_model(model, x_in, t_model, model_kwargs, process)
-            abar = formulas.per_sample(process.alphas_cumprod[index], x_in).to(x_in.dtype)
-            x0_hat, _ = formulas.predict_x0_eps(output[:, : x.shape[1]], x_in, abar, process.prediction_type,
-                                                process.clip_denoised)
+            output = diffusion.call_model(model, x_in, rows[k], model_kwargs)
+            prediction, _ = diffusion.split_output(output, channels)
+            x0_hat, _ = diffusion.predict_x0_eps(prediction, x_in, rows[k], clip_denoised)
             norm = norm_of(y, operator(x0_hat))
             grad = torch.autograd.grad(norm.sum(), x_in)[0] if guided else None
-        x_prev, pred_x0 = process.step(x_in.detach(), output.detach(), index, seed, process.noise_offset(k))
+        x_prev, pred_x0 = step(x_in.detach(), output.detach(), rows[k], prev_rows[k], k)
         x = (x_prev - zeta * grad).detach() if guided else x_prev
         norms[k] = norm.detach()
+        record.add(x, pred_x0)
     return DPSResult(sample=x, pred_x0=pred_x0, residual_norms=norms, seed=seed)

@@ -1,7 +1,7 @@
 """The Fashion-MNIST classifier whose penultimate layer is diffcore's feature space for FID, KID and precision/recall.
 
 Standard FID uses Inception-v3 features, whose weights cannot be had offline. diffcore instead trains a small CNN on
-Fashion-MNIST deterministically (``python -m diffcore.metrics.train_classifier``) and ships its weights in
+Fashion-MNIST deterministically (``python -m reproduction.train_classifier``) and ships its weights in
 ``diffcore/assets/fmnist_classifier.safetensors``. Numbers measured in this feature space compare **within the
 project only**: they are not Inception FID/KID and must not be put beside published values.
 
@@ -164,7 +164,7 @@ def read_weights(path: str | os.PathLike | None = None) -> tuple[dict[str, torch
     if not path.is_file():
         raise FileNotFoundError(
             f"feature-extractor weights not found at {path}; they ship with diffcore (diffcore/assets/{ASSET_NAME}) "
-            f"and can be rebuilt with `python -m diffcore.metrics.train_classifier --out {path}`")
+            f"and can be rebuilt with `python -m reproduction.train_classifier --out {path}`")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = dict(fh.metadata() or {})

@@ -21,6 +21,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def in_range(t: torch.Tensor, num_timesteps: int, allow_negative: bool = False) -> torch.Tensor:
+    """``t`` clamped into [0, T) (into (-inf, T) with ``allow_negative``: every negative ``t_prev`` is the last step)."""
+    return t.clamp(max=num_timesteps - 1) if allow_negative else t.clamp(0, num_timesteps - 1)
+
+
 def _coef(values: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return F.per_sample(values, like).to(dtype)
 
@@ -40,7 +45,7 @@ def _split_model_output(model_output: torch.Tensor, channels: int, variance_type
 def q_sample(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; all tensors ``[B, ...]`` except t ``[B]``."""
     dt = compute_dtype(x0)
-    abar = alphas_cumprod.double()[t]
+    abar = alphas_cumprod.double()[in_range(t, alphas_cumprod.numel())]
     sa = _coef(abar.sqrt(), x0, dt)
     s1ma = _coef((1.0 - abar).sqrt(), x0, dt)
     return (sa * x0.to(dt) + s1ma * noise.to(dt)).to(x0.dtype)
@@ -87,6 +92,7 @@ def ddim_step(
     """
     dt = compute_dtype(x)
     table = alphas_cumprod.double()
+    t, t_prev = in_range(t, table.numel()), in_range(t_prev, table.numel(), allow_negative=True)
     abar = table[t]
     abar_s = torch.where(t_prev >= 0, table[t_prev.clamp(min=0)], torch.ones_like(abar))
     sigma = eta * ((1.0 - abar_s) / (1.0 - abar)).sqrt() * (1.0 - abar / abar_s).clamp(min=0.0).sqrt()
@@ -118,6 +124,7 @@ def ddpm_step(
     """
     dt = compute_dtype(x)
     variance_type = VarianceType(variance_type)
+    t = in_range(t, alphas_cumprod.numel())
     tables = F.gather_tables(alphas_cumprod, t)
     prediction, var_output = _split_model_output(model_output, x.shape[1] if x.dim() > 1 else 0, variance_type)
     x0, _ = _predict(x, prediction, tables.abar, PredictionType(prediction_type), clip_denoised, dt)
@@ -163,6 +170,7 @@ def hybrid_loss(
     dt = compute_dtype(x0)
     variance_type = VarianceType(variance_type)
     prediction_type = PredictionType(prediction_type)
+    t = in_range(t, alphas_cumprod.numel())
     tables = F.gather_tables(alphas_cumprod, t)
     channels = x0.shape[1]
     prediction, var_output = model_output[:, :channels].to(dt), model_output[:, channels:].to(dt)

@@ -5,11 +5,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import ops
 from ..diffusion import GaussianDiffusion, Model
 from ..ops import Impl
 from ..respace import SkipType, StepsSpec
-from ._common import Intermediates, SampleResult, prepare, steps_progress, timestep_rows
+from .loop import Intermediates, SampleResult, StepCallback, prepare, steps_progress, timestep_rows
+from .step import reverse_step
 
 __all__ = ["ddpm_sample"]
 
@@ -19,13 +19,15 @@ def ddpm_sample(model: Model, diffusion: GaussianDiffusion, shape: Optional[Sequ
                 x_T: Optional[torch.Tensor] = None, steps: Optional[StepsSpec] = None, skip_type: SkipType = "even",
                 clip_denoised: bool = False, model_kwargs: Optional[dict] = None, seed: Optional[int] = None,
                 generator: Optional[torch.Generator] = None, progress: bool = True,
-                return_intermediates: bool = False, dtype: torch.dtype = torch.float32,
-                device: "torch.device | str | None" = None, impl: Impl = "auto") -> SampleResult:
+                return_intermediates: bool = False, callback: Optional[StepCallback] = None,
+                dtype: torch.dtype = torch.float32, device: "torch.device | str | None" = None,
+                impl: Impl = "auto") -> SampleResult:
     """Ancestral sampling x_{t-1} = mu~(x0_hat, x_t) + [t > 0] sigma_t z from x_T down to x_0.
 
     Args:
         model: ``model(x [B, C, ...], t int64 [B] original timesteps, **model_kwargs)`` -> ``[B, C, ...]``
-            (fixed variance) or ``[B, 2C, ...]`` (learned variance).
+            (fixed variance) or ``[B, 2C, ...]`` (learned variance), as a tensor or wrapped (see
+            :mod:`diffcore.samplers`).
         diffusion: the process (prediction and variance types, tables).
         shape: ``(B, C, ...)`` of the samples when ``x_T`` is not given (x_T is then Philox noise of ``seed``).
         steps: None for every timestep, else a respacing (a count spaced by ``skip_type``, a string like "250"
@@ -34,6 +36,7 @@ def ddpm_sample(model: Model, diffusion: GaussianDiffusion, shape: Optional[Sequ
         clip_denoised: clamp x0_hat to [-1, 1] (images).
         seed / generator: the Philox seed of x_T and of the per-step noise (drawn from ``generator`` if None).
         progress: show a tqdm bar. return_intermediates: keep x_t and pred_x0 of every step.
+        callback: ``callback(k, x, pred_x0)`` after each step.
         impl: ``"auto" | "fused" | "reference"`` for :func:`diffcore.ops.ddpm_step`.
     Returns: a :class:`SampleResult`; ``sample`` is ``[B, C, ...]`` in x_T's dtype.
     """
@@ -41,16 +44,13 @@ def ddpm_sample(model: Model, diffusion: GaussianDiffusion, shape: Optional[Sequ
         diffusion = diffusion.respaced(steps, skip_type)
     diffusion, x, seed = prepare(diffusion, shape, x_T, dtype=dtype, device=device, seed=seed,
                                  generator=generator, needs_noise=True)
+    step = reverse_step(diffusion, "ddpm", clip_denoised=clip_denoised, seed=seed, impl=impl)
     T = diffusion.num_timesteps
     indices = list(range(T - 1, -1, -1))
     rows = timestep_rows(indices, x.shape[0], x.device)
-    abar = diffusion.alphas_cumprod
-    record = Intermediates(return_intermediates)
+    record = Intermediates(return_intermediates, callback)
     for k in steps_progress(T, progress, "DDPM"):
-        t = rows[k]
-        out = diffusion.call_model(model, x, t, model_kwargs)
-        x, pred_x0 = ops.ddpm_step(x, out, t, abar, prediction_type=diffusion.prediction_type,
-                                   variance_type=diffusion.variance_type, clip_denoised=clip_denoised,
-                                   seed=seed, offset=k + 1, impl=impl, check_values=False)
+        out = diffusion.call_model(model, x, rows[k], model_kwargs)
+        x, pred_x0 = step(x, out, rows[k], None, k)
         record.add(x, pred_x0)
     return record.result(x, (diffusion.original_timesteps[i] for i in indices), seed)

@@ -26,7 +26,7 @@ import torch
 
 from ..diffusion import GaussianDiffusion, Model
 from ..respace import SkipType, StepsSpec
-from ._common import Intermediates, SampleResult, model_prediction, prepare, steps_progress, timestep_rows
+from .loop import Intermediates, SampleResult, StepCallback, prepare, steps_progress, timestep_rows
 from .ddim import ddim_sequence
 
 OdeSolver = Literal["euler", "dpmpp_2m"]
@@ -55,14 +55,14 @@ def ode_sample(model: Model, diffusion: GaussianDiffusion, shape: Optional[Seque
                steps: StepsSpec = 20, skip_type: SkipType = "quad_full", solver: OdeSolver = "dpmpp_2m",
                x_T: Optional[torch.Tensor] = None, clip_denoised: bool = False, model_kwargs: Optional[dict] = None,
                seed: Optional[int] = None, generator: Optional[torch.Generator] = None, progress: bool = True,
-               return_intermediates: bool = False, dtype: torch.dtype = torch.float32,
-               device: "torch.device | str | None" = None) -> SampleResult:
+               return_intermediates: bool = False, callback: Optional[StepCallback] = None,
+               dtype: torch.dtype = torch.float32, device: "torch.device | str | None" = None) -> SampleResult:
     """Solve the probability-flow ODE from x_T to x_0 over the same timesteps as :func:`ddim_sample`.
 
     Args:
         solver: ``"euler"`` (DDIM eta = 0 written in (sigma, x / sqrt(abar))) or ``"dpmpp_2m"``.
         steps, skip_type, x_T, shape, clip_denoised, model_kwargs, seed, generator, progress,
-        return_intermediates, dtype, device: as in :func:`ddim_sample` (seed only draws x_T), except the
+        return_intermediates, callback, dtype, device: as in :func:`ddim_sample` (seed only draws x_T), except the
         default spacing ``"quad_full"``.
     Returns: :class:`SampleResult` with ``sample`` ``[B, C, ...]``.
     """
@@ -78,10 +78,11 @@ def ode_sample(model: Model, diffusion: GaussianDiffusion, shape: Optional[Seque
         raise ValueError("solver: 'euler' works in sigma = sqrt(1/abar - 1), infinite at abar = 0 (zero terminal "
                          "SNR); use 'dpmpp_2m' or ddim_sample")
     rows = timestep_rows(ts, x.shape[0], x.device)
-    record = Intermediates(return_intermediates)
+    record = Intermediates(return_intermediates, callback)
+    channels = x.shape[1] if x.dim() > 1 else 0
     h_prev, x0_prev = math.nan, None
     for k in steps_progress(len(ts), progress, f"ODE ({solver})"):
-        prediction = model_prediction(diffusion, model, x, rows[k], model_kwargs)
+        prediction, _ = diffusion.split_output(diffusion.call_model(model, x, rows[k], model_kwargs), channels)
         x0_hat, eps_hat = diffusion.predict_x0_eps(prediction, x, rows[k], clip_denoised)
         a_t, a_s = abars[k], abars_prev[k]
         if solver == "euler":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ class EMA:
         self.rate = float(rate)
         self.warmup = bool(warmup)
         self.num_updates = 0
+        self._skipped: Optional[torch.Tensor] = None  # skipped updates not yet subtracted from num_updates
         self.ema_model = copy.deepcopy(model).eval()
         self.ema_model.requires_grad_(False)
 
@@ -50,13 +52,40 @@ class EMA:
         return min(self.rate, (1.0 + n) / (10.0 + n))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Move the EMA weights towards ``model``'s (the same architecture; a DDP wrapper's ``.module``)."""
+    def update(self, model: nn.Module, skip: Optional[torch.Tensor] = None) -> None:
+        """Move the EMA weights towards ``model``'s (the same architecture; a DDP wrapper's ``.module``).
+
+        ``skip``: an optional bool tensor ``[]`` on the weights' device; where True the update is a no-op (the
+        weights, buffers and the update count used by the warm-up stay as they were), decided on the device
+        without a host sync. A skipped update still counts in :attr:`num_updates` until :meth:`settle`."""
         ema_params, params = self._pairs(model)
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay())
-        for ema_buffer, buffer in zip(self.ema_model.buffers(), model.buffers()):
-            ema_buffer.copy_(buffer)
+        if skip is None:
+            torch._foreach_lerp_(ema_params, params, 1.0 - self.decay())
+            for ema_buffer, buffer in zip(self.ema_model.buffers(), model.buffers()):
+                ema_buffer.copy_(buffer)
+        else:
+            keep = ~skip
+            if self._skipped is None:
+                self._skipped = torch.zeros((), dtype=torch.int64, device=skip.device)
+            if self.warmup:  # the decay of the n-th applied update, n computed on the device (float64 as above)
+                n = (self.num_updates - self._skipped).to(torch.float64)
+                decay = torch.clamp((1.0 + n) / (10.0 + n), max=self.rate)
+            else:
+                decay = torch.tensor(self.rate, dtype=torch.float64, device=skip.device)
+            weight = torch.where(keep, 1.0 - decay, 0.0)
+            for dtype in {p.dtype for p in ema_params}:
+                pairs = [(e, p) for e, p in zip(ema_params, params) if e.dtype == dtype]
+                torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], weight.to(dtype))
+            for ema_buffer, buffer in zip(self.ema_model.buffers(), model.buffers()):
+                ema_buffer.copy_(torch.where(keep, buffer, ema_buffer))
+            self._skipped += skip.to(torch.int64)
         self.num_updates += 1
+
+    def settle(self) -> None:
+        """Subtract the skipped updates from :attr:`num_updates` (one host sync; done before saving)."""
+        if self._skipped is not None:
+            self.num_updates -= int(self._skipped)
+            self._skipped = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA model's state dict (load it into the model class to sample)."""
@@ -68,3 +97,4 @@ class EMA:
 
         load_state_strict(self.ema_model, state, what="ema")
         self.num_updates = int(num_updates)
+        self._skipped = None

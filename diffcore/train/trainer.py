@@ -1,6 +1,13 @@
-"""The training loop: AdamW with linear warm-up, gradient clipping and accumulation, EMA, bf16 autocast on CUDA,
-the hybrid loss through :meth:`GaussianDiffusion.training_losses` (the fused op), importance-sampled timesteps,
+"""The training loop: AdamW with linear warm-up, gradient clipping and accumulation, EMA, bf16 autocast (on CUDA
+and on CPUs where bf16 is fast), the hybrid loss through :meth:`GaussianDiffusion.training_losses` (the fused op), importance-sampled timesteps,
 JSON-lines logs and a loss plot, EMA sample grids, atomic checkpoints with exact resume, and DDP.
+
+Divergence: a step whose loss or gradient is not finite is skipped on the device (the fused AdamW kernel's
+``found_inf``, as torch.amp's GradScaler uses it, and a masked EMA update), so no per-step host sync is needed; the
+skipped steps are counted on the device and checked when logging and checkpointing. More than
+``config.max_nonfinite_steps`` consecutive skipped steps, or non-finite weights (e.g. from a too large learning
+rate), raise :class:`TrainingDiverged` before anything non-finite is written: the last checkpoint on disk stays
+the last finite one, and resuming from it is exact.
 
 Reproducibility: the randomness of a step comes from generators that checkpoints save (the data order, a CPU
 generator for timesteps and class dropout, a generator on the device for the noise, and the global RNGs for
@@ -15,6 +22,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,15 +31,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import checkpoint as ck
-from ..data import ImageDataset, ShardedBatches, open_dataset
+from ..data import ImageDataset, ImageSource, ShardedBatches, open_source
 from ..diffusion import GaussianDiffusion
 from ..ops import Impl
+from ..runtime import training_bf16
 from ..schedules import make_schedule
 from ..unet import UNet
-from .config import RESUMABLE_CHANGES, TrainConfig
+from .config import RESUMABLE_CHANGES, TrainConfig, config_from_checkpoint
 from .distributed import any_rank, default_device, gather_in_global_order, gather_objects, init_distributed
 from .ema import EMA
-from .logging import JsonlLog, plot_loss_curves
+from .logging import ExternalLoggers, JsonlLog, LossPlot
 from .timestep_sampler import make_timestep_sampler
 
 
@@ -41,13 +50,18 @@ def build_diffusion(config: TrainConfig, device: "torch.device | str | None" = N
     return GaussianDiffusion(schedule, config.prediction_type, config.variance_type, config.loss_type)
 
 
-def resume_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
-    """How a checkpoint's stored configuration ``saved`` differs from ``config`` in fields that change the run
-    (:data:`RESUMABLE_CHANGES` may differ). Fields added to TrainConfig after the checkpoint was written count as
-    their defaults (which keep the old behaviour)."""
+class TrainingDiverged(RuntimeError):
+    """Training produced a non-finite loss, gradient or weights beyond what ``max_nonfinite_steps`` allows; nothing
+    non-finite was saved, and the run's latest checkpoint is its last finite state."""
+
+
+def resume_differences(saved: dict[str, Any], config: TrainConfig, version: int = ck.FORMAT_VERSION) -> list[str]:
+    """How a checkpoint's stored configuration ``saved`` (of format ``version``) differs from ``config`` in fields
+    that change the run (:data:`RESUMABLE_CHANGES` may differ). Fields added to TrainConfig after that version
+    count as their defaults (which keep the old behaviour); other missing fields are reported."""
     try:
-        stored = TrainConfig.from_dict(saved).to_dict()
-    except (TypeError, ValueError) as error:
+        stored = config_from_checkpoint(saved, version, where="the checkpoint").to_dict()
+    except ck.CheckpointError as error:
         return [f"its config is not a valid TrainConfig: {error}"]
     current = config.to_dict()
     for name in RESUMABLE_CHANGES:
@@ -63,7 +77,9 @@ class Trainer:
         config: the run's configuration.
         model: the network (default: ``UNet(config.model)``); it is called ``model(x, t)`` or, for a
             class-conditional config, ``model(x, t, y=labels)``.
-        dataset: the data (default: :func:`diffcore.data.open_dataset` of ``config.data``).
+        dataset: the data, in memory or streamed (default: :func:`diffcore.data.open_source` of ``config.data``:
+            image folders, tar shards and packed arrays are streamed through ``config.num_workers`` DataLoader
+            workers, in the same order as in memory).
         device: default ``cuda:LOCAL_RANK`` if CUDA is available, else the CPU.
         resume: continue from ``config.out_dir/checkpoints`` when it holds a checkpoint (the configurations must
             agree except for :data:`~diffcore.train.config.RESUMABLE_CHANGES`).
@@ -75,7 +91,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, *, model: Optional[nn.Module] = None,
-                 dataset: Optional[ImageDataset] = None, device: "torch.device | str | None" = None,
+                 dataset: "ImageDataset | ImageSource | None" = None, device: "torch.device | str | None" = None,
                  resume: bool = True, impl: Impl = "auto"):
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
@@ -97,14 +113,16 @@ class Trainer:
         self.ema = EMA(self.model, config.ema_rate, warmup=config.ema_warmup)
         self.diffusion = build_diffusion(config, self.device)
         if dataset is None:
-            dataset = open_dataset(config.data, image_size=config.image_size, channels=config.model.in_channels,
-                                   pad_to=config.pad_to, hflip=config.hflip)
+            dataset = open_source(config.data, image_size=config.image_size, channels=config.model.in_channels,
+                                  pad_to=config.pad_to, hflip=config.hflip)
         self._check_dataset(dataset)
-        self.batches = ShardedBatches(dataset.to(self.device), self.local_batch, seed=config.seed, rank=self.rank,
-                                      world_size=self.world_size)
+        if isinstance(dataset, ImageDataset):
+            dataset = dataset.to(self.device)
+        self.batches = ShardedBatches(dataset, self.local_batch, seed=config.seed, rank=self.rank,
+                                      world_size=self.world_size, num_workers=config.num_workers,
+                                      skip_bad_images=config.skip_bad_images, device=self.device)
         self.conditional = config.model.num_classes is not None
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, betas=config.adam_betas,
-                                           weight_decay=config.weight_decay)
+        self.optimizer, self.fused_optimizer = self._make_optimizer()
         self.timestep_sampler = make_timestep_sampler(config.timestep_sampler, config.num_timesteps)
         self.t_generator = torch.Generator().manual_seed(config.seed + 1)
         self.noise_generator = torch.Generator(self.device).manual_seed(config.seed + 2)
@@ -115,13 +133,19 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
-        self.autocast = config.bf16 and self.device.type == "cuda"
+        self.autocast = training_bf16(config.bf16, self.device)  # CUDA, or a CPU where bf16 is fast
         self.impl = impl
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.log = JsonlLog(self.out_dir / "log.jsonl")
+        self.external: Optional[ExternalLoggers] = None  # TensorBoard / W&B while train() runs (rank 0)
+        self._skipped_logged = 0
         self._last_saved = -1
         self._stop_requested = False
+        # skipped (non-finite) steps, on the device: the current run of consecutive ones, the longest run since the
+        # last check, and the total of this run (saved in checkpoints)
+        self._nonfinite = {k: torch.zeros((), dtype=torch.int64, device=self.device)
+                           for k in ("run", "worst", "total")}
         self._reset_meters()
         if resume:
             latest = ck.latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir.is_dir() else None
@@ -129,7 +153,7 @@ class Trainer:
                 self.load(latest)
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _check_dataset(self, dataset: ImageDataset) -> None:
+    def _check_dataset(self, dataset: "ImageDataset | ImageSource") -> None:
         want_c, want_size = self.config.model.in_channels, self.config.model.image_size
         if dataset.channels != want_c:
             raise ValueError(f"data: the model takes {want_c}-channel images, the data set has {dataset.channels}")
@@ -139,6 +163,16 @@ class Trainer:
         if dataset.image_size != want_size and isinstance(self.model, UNet):
             raise ValueError(f"data: the model config says image_size={want_size}, the data set serves "
                              f"{dataset.image_size}px images (set pad_to or image_size)")
+
+    def _make_optimizer(self) -> tuple[torch.optim.Optimizer, bool]:
+        """AdamW, fused where torch has the fused kernel for the device (it skips a step on the device when told
+        ``found_inf``); else the default implementation, and skipping then costs a host sync per step."""
+        cfg = self.config
+        kwargs = dict(lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+        try:
+            return torch.optim.AdamW(self.model.parameters(), fused=True, **kwargs), True
+        except (RuntimeError, ValueError, TypeError):
+            return torch.optim.AdamW(self.model.parameters(), **kwargs), False
 
     @property
     def is_main(self) -> bool:
@@ -186,14 +220,50 @@ class Trainer:
             terms.append(torch.stack([losses.loss.detach(), losses.mse.detach(), vb.detach()]).float())
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
-        self.ema.update(self.model)
         global_terms = gather_in_global_order(torch.cat(terms, dim=1))
-        if self.timestep_sampler.name != "uniform":  # the per-sample loss, as improved-diffusion feeds it
-            self.timestep_sampler.update(t_all, global_terms[0])
+        # the same on every rank (all-reduced gradients, gathered losses), so every rank skips the same steps
+        bad = ~(torch.isfinite(grad_norm) & torch.isfinite(global_terms[0].sum()))
+        if self.fused_optimizer:
+            self.optimizer.found_inf = bad.to(torch.float32)  # the fused kernel skips the step on the device
+            self.optimizer.step()
+        elif not bool(bad):
+            self.optimizer.step()
+        self.ema.update(self.model, skip=bad)
+        if self.timestep_sampler.name != "uniform" and not bool(bad):  # its update syncs anyway
+            self.timestep_sampler.update(t_all, global_terms[0])  # the per-sample loss, as improved-diffusion does
+        n = self._nonfinite
+        n["run"] = torch.where(bad, n["run"] + 1, 0)
+        n["worst"] = torch.maximum(n["worst"], n["run"])
+        n["total"] += bad.to(torch.int64)
         self.step += 1
         return {"t": t_all.to(device), "loss": global_terms[0], "mse": global_terms[1], "vb": global_terms[2],
-                "grad_norm": grad_norm.detach()}
+                "grad_norm": grad_norm.detach(), "nonfinite": bad}
+
+    # ------------------------------------------------------------------------------------------ divergence
+    def check_divergence(self, weights: bool = False) -> None:
+        """Raise :class:`TrainingDiverged` when more than ``config.max_nonfinite_steps`` consecutive steps were
+        skipped since the last check, or (``weights=True``, before saving or sampling) when a weight of the model
+        or the EMA is not finite. One host sync (and one pass over the weights)."""
+        n, limit = self._nonfinite, self.config.max_nonfinite_steps
+        worst = int(n["worst"])
+        n["worst"] = n["run"].clone()
+        if worst > limit:
+            self._diverged(f"{worst} consecutive steps had a non-finite loss or gradient (they were skipped; "
+                           f"max_nonfinite_steps={limit})")
+        if weights:
+            for what, tensors in (("model", self.model.state_dict()), ("EMA", self.ema.state_dict())):
+                bad = ck.nonfinite_tensors(tensors)
+                if bad:
+                    self._diverged(f"{len(bad)} of the {what}'s {len(tensors)} tensors hold NaN or infinity "
+                                   f"(e.g. {bad[0]})")
+
+    def _diverged(self, why: str) -> None:
+        last = ck.latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir.is_dir() else None
+        kept = (f"the last finite checkpoint, {last}, was kept" if last is not None
+                else "no checkpoint was written")
+        raise TrainingDiverged(f"training diverged at step {self.step}: {why}; nothing non-finite was saved and "
+                               f"{kept}. Lower the learning rate (lr={self.config.lr}), clip gradients (grad_clip) "
+                               f"or check the data, then resume")
 
     # ------------------------------------------------------------------------------------------ logging
     def _reset_meters(self) -> None:
@@ -201,15 +271,19 @@ class Trainer:
                                         "quarters": torch.zeros(4, device=self.device),
                                         "quarter_counts": torch.zeros(4, device=self.device),
                                         "grad_norm": torch.zeros((), device=self.device),
+                                        "counted": torch.zeros(2, device=self.device),  # finite samples, steps
                                         "samples": 0, "steps": 0, "since": time.perf_counter(), "excluded": 0.0}
 
     def _accumulate(self, out: dict[str, torch.Tensor]) -> None:
-        m = self._meters
-        m["sums"] += torch.stack([out["loss"].sum(), out["mse"].sum(), out["vb"].sum()])
+        """Add a step's numbers to the log interval; skipped (non-finite) steps count only as skipped."""
+        m, keep = self._meters, ~out["nonfinite"]
+        zero = torch.zeros((), device=out["loss"].device)
+        m["sums"] += torch.where(keep, torch.stack([out["loss"].sum(), out["mse"].sum(), out["vb"].sum()]), zero)
         quarter = (out["t"] * 4 // self.config.num_timesteps).clamp_(0, 3)
-        m["quarters"].index_add_(0, quarter, out["loss"])
-        m["quarter_counts"].index_add_(0, quarter, torch.ones_like(out["loss"]))
-        m["grad_norm"] += out["grad_norm"].float()
+        m["quarters"].index_add_(0, quarter, torch.where(keep, out["loss"], zero))
+        m["quarter_counts"].index_add_(0, quarter, keep.float().expand_as(out["loss"]))
+        m["grad_norm"] += torch.where(keep, out["grad_norm"].float(), zero)
+        m["counted"] += keep.float() * torch.tensor([out["loss"].numel(), 1.0], device=m["counted"].device)
         m["samples"] += out["loss"].numel()
         m["steps"] += 1
 
@@ -217,15 +291,34 @@ class Trainer:
         m = self._meters
         elapsed = time.perf_counter() - m["since"] - m["excluded"]  # training time only
         sums, quarters, counts = m["sums"].tolist(), m["quarters"].tolist(), m["quarter_counts"].tolist()
-        record = {"step": self.step, "lr": self.lr_at(self.step - 1), "loss": sums[0] / m["samples"],
-                  "mse": sums[1] / m["samples"], "vb": sums[2] / m["samples"]}
+        samples, steps = m["counted"].tolist()
+        record = {"step": self.step, "lr": self.lr_at(self.step - 1)}
+        for i, name in enumerate(("loss", "mse", "vb")):
+            record[name] = sums[i] / samples if samples else None
         for q in range(4):
             record[f"loss_q{q}"] = quarters[q] / counts[q] if counts[q] else None
-        record["grad_norm"] = float(m["grad_norm"]) / m["steps"]
+        record["grad_norm"] = float(m["grad_norm"]) / steps if steps else None
+        record["nonfinite_steps"] = m["steps"] - int(steps)
         record["images_per_s"] = m["samples"] / elapsed if elapsed > 0 else None
         record["epoch"] = self.batches.epoch
+        record["skipped_images"] = self._skipped_images()
         self._reset_meters()
         return record
+
+    def _skipped_images(self) -> int:
+        """Images replaced because unreadable (``skip_bad_images``) since the last record, over all ranks (a
+        collective under DDP); new ones are named in a warning."""
+        new = self.batches.skipped - self._skipped_logged
+        if new:
+            names = self.batches.skipped_names[-min(new, 3):]
+            warnings.warn(f"rank {self.rank}: skipped {new} unreadable image(s) (skip_bad_images), e.g. "
+                          + "; ".join(names))
+        self._skipped_logged = self.batches.skipped
+        if self.world_size == 1:
+            return new
+        total = torch.tensor([float(new)], device=self.device)
+        torch.distributed.all_reduce(total)
+        return int(total.item())
 
     # --------------------------------------------------------------------------------------- the loop
     def train(self, max_steps: Optional[int] = None) -> list[dict[str, Any]]:
@@ -238,6 +331,11 @@ class Trainer:
         bar = tqdm(total=end, initial=self.step, disable=not (cfg.progress and self.is_main), desc="train",
                    dynamic_ncols=True)
         self._reset_meters()
+        plot = LossPlot(self.out_dir / "loss.png", self.log.read()) if self.is_main else None
+        if self.is_main and (cfg.tensorboard or cfg.wandb_project):
+            self.external = ExternalLoggers(self.out_dir, tensorboard=cfg.tensorboard,
+                                            wandb_project=cfg.wandb_project, config=cfg.to_dict(),
+                                            start_step=self.step)
         with self._stop_on_signals():
             while self.step < end:
                 self._accumulate(self.train_step())
@@ -248,10 +346,16 @@ class Trainer:
                     records.append(record)
                     if self.is_main:
                         self.log.write(record)
-                        plot_loss_curves(self.log.read(), self.out_dir / "loss.png")
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s'] or 0:.0f}")
-                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.is_main:
-                    self.sample_grid()
+                        plot.add(record)
+                        if self.external is not None:
+                            self.external.log(record)
+                    bar.set_postfix(loss=f"{math.nan if record['loss'] is None else record['loss']:.4f}",
+                                    img_s=f"{record['images_per_s'] or 0:.0f}")
+                    self.check_divergence()
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.check_divergence(weights=True)  # on every rank: all raise together
+                    if self.is_main:
+                        self.sample_grid()
                 if self.step % cfg.checkpoint_every == 0:
                     self.save()
                 if self._meters is meters:
@@ -261,8 +365,12 @@ class Trainer:
                 if any_rank(self._stop_requested, self.device):
                     break
         bar.close()
+        self.batches.close()  # stops the decoding workers; the next batch restarts them where the stream is
         if self._last_saved != self.step:
             self.save()
+        if self.external is not None:
+            self.external.close()
+            self.external = None
         return records
 
     @contextlib.contextmanager
@@ -287,7 +395,8 @@ class Trainer:
         """Write a grid of ``config.sample_n`` samples from the EMA model (DDIM, ``config.sample_steps`` steps,
         seed ``config.seed``; class-conditional models cycle through the classes) to
         ``out_dir/samples/step_XXXXXXXX.png``; the training RNGs are not touched. Returns the path."""
-        from ..sampling import sample, save_image_grid
+        from ..images import save_image_grid
+        from ..samplers import ddim_sample
 
         path = self.out_dir / "samples" / f"{ck.checkpoint_name(self.step)}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -298,16 +407,22 @@ class Trainer:
         data = self.batches.dataset
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            images = sample(self.ema.ema_model, diffusion=self.diffusion, n=cfg.sample_n,
-                            steps=min(cfg.sample_steps, cfg.num_timesteps), seed=cfg.seed, device=self.device,
-                            image_shape=(data.channels, data.image_size, data.image_size), model_kwargs=kwargs,
-                            progress=False)
-        save_image_grid(images, path)
+            steps = min(cfg.sample_steps, cfg.num_timesteps)
+            images = ddim_sample(self.ema.ema_model, self.diffusion,
+                                 (cfg.sample_n, data.channels, data.image_size, data.image_size), steps=steps,
+                                 skip_type="uniform" if cfg.num_timesteps % steps == 0 else "even", eta=0.0,
+                                 clip_denoised=True, model_kwargs=kwargs, seed=cfg.seed, device=self.device,
+                                 progress=False).sample
+        save_image_grid(images.float().clamp(-1.0, 1.0), path)
+        if self.external is not None:
+            self.external.image("samples", path, self.step)
         return path
 
     def training_state(self) -> dict[str, Any]:
         """Everything besides the weights that a resumed run needs (see :meth:`load`)."""
+        self.ema.settle()
         return {"step": self.step,
+                "nonfinite": {"run": int(self._nonfinite["run"]), "total": int(self._nonfinite["total"])},
                 "optimizer": self.optimizer.state_dict(),
                 "lr_schedule": {"kind": "linear_warmup", "base_lr": self.config.lr,
                                 "warmup_steps": self.config.warmup_steps},
@@ -319,7 +434,10 @@ class Trainer:
                 "rng_per_rank": gather_objects(ck.capture_rng_state())}
 
     def save(self) -> Optional[Path]:
-        """Write a checkpoint of the current step (rank 0 writes; every rank must call it)."""
+        """Write a checkpoint of the current step (rank 0 writes; every rank must call it). Raises
+        :class:`TrainingDiverged` instead when the state is not finite or too many steps were skipped (see
+        :meth:`check_divergence`): the checkpoint folder then keeps its last finite checkpoint."""
+        self.check_divergence(weights=True)  # the same answer on every rank
         state = self.training_state()  # a collective under DDP
         self._last_saved = self.step
         if not self.is_main:
@@ -333,7 +451,7 @@ class Trainer:
         :class:`~diffcore.checkpoint.CheckpointError` when it is damaged or its configuration differs in a field
         that changes the run."""
         loaded = ck.load_checkpoint(ck.resolve_checkpoint(path))
-        differences = resume_differences(loaded.config, self.config)
+        differences = resume_differences(loaded.config, self.config, loaded.version)
         if differences:
             raise ck.CheckpointError(f"checkpoint {loaded.path} was written with another configuration: "
                                      + "; ".join(differences[:10]))
@@ -343,6 +461,12 @@ class Trainer:
             raise ck.CheckpointError(f"checkpoint {loaded.path} has no EMA weights")
         self.ema.load_state_dict(loaded.ema, num_updates=state["ema_updates"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # a checkpoint of the unfused optimizer continues fused
+            group["fused"], group["foreach"] = self.fused_optimizer, None
+        nonfinite = state.get("nonfinite", {"run": 0, "total": 0})  # absent before format version 2
+        for key in ("run", "total"):
+            self._nonfinite[key].fill_(int(nonfinite[key]))
+        self._nonfinite["worst"].copy_(self._nonfinite["run"])
         self.timestep_sampler.load_state_dict(state["timestep_sampler"])
         self.batches.load_state_dict(state["data"])
         self.t_generator.set_state(state["generators"]["timesteps"])

@@ -1,0 +1,189 @@
+"""Is diffcore faster than what a user would pick instead? End to end, side by side, in one process.
+
+    OMP_NUM_THREADS=1 python bench/bench_end_to_end.py sample [--rounds 3] [--n 64] [--compile]
+    OMP_NUM_THREADS=1 python bench/bench_end_to_end.py train [--rounds 5]
+    OMP_NUM_THREADS=1 python bench/bench_end_to_end.py fid [--n 500]
+
+``sample``: DDIM-50 of n images from the packaged Fashion-MNIST model through ``diffcore.sample`` (default
+options, and each precision / compile option) against diffusers' ``UNet2DModel`` of the same size (1,743,170
+parameters, DESIGN.md section 5) + ``DDIMScheduler`` (cosine schedule, clipping), rounds interleaved; prints the
+median time of each and the median of the per-round ratios diffusers / diffcore.
+``train``: one training step (forward, eps MSE, backward, AdamW) at batch 64, diffcore's U-Net (fp32, and bf16
+autocast) against the same diffusers model.
+``fid``: quality evidence for a bf16 default: n samples in fp32 and in bf16 at equal seeds, scored with
+``diffcore.metrics.score_samples`` against Fashion-MNIST test images, with the noise floor (held-out real images
+of the same count) over several disjoint reference splits.
+Single-threaded unless ``--threads``; diffusers is a benchmark-only dependency.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+import diffcore
+from diffcore.pretrained import load_default
+from diffcore.runtime import cpu_features
+
+
+def machine() -> str:
+    """One line: CPU model, features, torch version, threads."""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    return (f"{model}, {os.cpu_count()} CPUs, {cpu_features()}, torch {torch.__version__}, "
+            f"threads {torch.get_num_threads()}")
+
+
+def diffusers_unet(out_channels: int = 2):
+    """diffusers' UNet2DModel with exactly the packaged model's parameter count (DESIGN.md section 5)."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=28, in_channels=1, out_channels=out_channels, block_out_channels=(32, 64, 64),
+                       layers_per_block=2, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), attention_head_dim=16,
+                       resnet_time_scale_shift="scale_shift", attn_norm_num_groups=32).eval()
+
+
+@torch.no_grad()
+def diffusers_ddim(unet, n: int, steps: int = 50, seed: int = 0) -> torch.Tensor:
+    """DDIM (eta 0, clipped x0) with diffusers' scheduler; the first output channel is eps."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+    scheduler.set_timesteps(steps)
+    x = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+    for t in scheduler.timesteps:
+        eps = unet(x, t).sample[:, :1]
+        x = scheduler.step(eps, t, x).prev_sample
+    return x
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_sample(args) -> None:
+    packaged = load_default()
+    model, diffusion = packaged.model.eval(), packaged.diffusion
+    reference = diffusers_unet()
+    n = args.n
+
+    def ours(**kw):
+        return lambda: diffcore.sample(model, n=n, seed=0, diffusion=diffusion, progress=False, **kw)
+
+    options = {"diffcore default": ours(), "diffcore precision=auto": ours(precision="auto"),
+               "diffcore fp32 batch_size=n": ours(batch_size=n)}
+    if args.compile:
+        options["diffcore compile fp32"] = ours(compile=True)
+        options["diffcore compile auto"] = ours(compile=True, precision="auto")
+        for name in ("diffcore compile fp32", "diffcore compile auto"):  # first calls: compile (or load the cache)
+            print(f"{name}: first call {timed(options[name]):.1f} s (cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR')})",
+                  flush=True)
+    options["diffusers UNet2DModel + DDIMScheduler"] = lambda: diffusers_ddim(reference, n)
+    times = {name: [] for name in options}
+    for r in range(args.rounds):
+        for name, fn in options.items():
+            times[name].append(timed(fn))
+        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()), flush=True)
+    base = times["diffusers UNet2DModel + DDIMScheduler"]
+    print(f"\nDDIM-50 of {n} images; {machine()}")
+    print("| path | median s | speed-up vs diffusers (median of per-round ratios) |\n|---|---|---|")
+    for name, ts in times.items():
+        ratio = statistics.median(b / t for b, t in zip(base, ts))
+        print(f"| {name} | {statistics.median(ts):.2f} | {ratio:.2f}x |")
+
+
+def bench_train(args) -> None:
+    packaged = load_default()
+    ours = type(packaged.model)(packaged.model.config)
+    theirs = diffusers_unet()
+    x = torch.randn(64, 1, 28, 28)
+    t = torch.randint(0, 1000, (64,))
+    noise = torch.randn_like(x)
+
+    def step_fn(model, call, bf16: bool):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        model.train()
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                out = call(model)
+            loss = (out[:, :1].float() - noise).square().mean()
+            loss.backward()
+            optimizer.step()
+        return step
+
+    options = {"diffcore fp32": step_fn(ours, lambda m: m(x, t), False),
+               "diffcore bf16 autocast": step_fn(ours, lambda m: m(x, t), True),
+               "diffusers fp32": step_fn(theirs, lambda m: m(x, t).sample, False)}
+    for fn in options.values():
+        fn()
+    times = {name: [] for name in options}
+    for _ in range(args.rounds):
+        for name, fn in options.items():
+            times[name].append(timed(fn))
+    base = times["diffusers fp32"]
+    print(f"\ntraining step, batch 64; {machine()}")
+    print("| path | median ms | speed-up vs diffusers fp32 |\n|---|---|---|")
+    for name, ts in times.items():
+        ratio = statistics.median(b / s for b, s in zip(base, ts))
+        print(f"| {name} | {1e3 * statistics.median(ts):.0f} | {ratio:.2f}x |")
+
+
+def bench_fid(args) -> None:
+    from diffcore.data import load_fashion_mnist
+    from diffcore.metrics import score_samples
+
+    packaged = load_default()
+    real = load_fashion_mnist("test")[0]  # uint8 [10000, 28, 28]
+    samples = {}
+    for precision in ("fp32", "bf16"):
+        start = time.perf_counter()
+        samples[precision] = diffcore.sample(packaged.model, n=args.n, seed=args.seed, diffusion=packaged.diffusion,
+                                             progress=False, precision=precision)
+        print(f"{precision}: {args.n} samples in {time.perf_counter() - start:.0f} s", flush=True)
+    diff = (samples["bf16"] - samples["fp32"]).abs()
+    print(f"pixels: mean |bf16 - fp32| {diff.mean():.4f}, fraction > 1/127.5: {(diff > 1 / 127.5).float().mean():.3f}")
+    print(f"\nFID in the project's classifier features, {args.n} samples each, seed {args.seed}; {machine()}")
+    print("| reference split | FID fp32 | FID bf16 | FID held-out real (floor) |\n|---|---|---|---|")
+    rows = []
+    for split in range(args.splits):
+        options = dict(with_floor=True, seed=split, kid_subset_size=min(1000, args.n))
+        s32 = score_samples(samples["fp32"], real, **options)
+        s16 = score_samples(samples["bf16"], real, **options)
+        rows.append((s32.fid, s16.fid, s32.floor.fid))
+        print(f"| {split} | {s32.fid:.3f} | {s16.fid:.3f} | {s32.floor.fid:.3f} |", flush=True)
+    d = [b - a for a, b, _ in rows]
+    floors = [f for _, _, f in rows]
+    print(f"FID bf16 - fp32: median {statistics.median(d):+.3f} (range {min(d):+.3f}..{max(d):+.3f}); floor "
+          f"{statistics.mean(floors):.3f} +- {statistics.stdev(floors) if len(floors) > 1 else 0:.3f} (sd over splits)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("sample", "train", "fid"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--n", type=int, default=None, help="images (sample: 64, fid: 500)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--splits", type=int, default=5, help="fid: disjoint reference splits")
+    parser.add_argument("--compile", action="store_true", help="sample: also the torch.compile options")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    args.n = args.n or (500 if args.what == "fid" else 64)
+    torch.set_num_threads(args.threads)
+    {"sample": bench_sample, "train": bench_train, "fid": bench_fid}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""What the ``diffcore`` subcommands share: the usage error, ``--device``, the model flags and model loading,
+step counts, class labels, and the checks on output paths that run before any work is done."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["UsageError", "LoadedModel", "add_model_flags", "add_speed_flags", "apply_threads", "resolve_device", "load_model", "ddim_steps",
+           "class_labels", "check_output_file", "check_output_folder"]
+
+
+class UsageError(ValueError):
+    """A bad command-line value: printed as one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What a sampling command needs: ``model(x, t, **kwargs)`` on the device, its ``diffusion``, the
+    ``image_shape`` (C, H, W) and ``num_classes`` (None for an unconditional model)."""
+
+    model: Any
+    diffusion: Any
+    image_shape: tuple[int, ...]
+    num_classes: Optional[int]
+
+
+def add_model_flags(parser: argparse.ArgumentParser,
+                    steps_help: str = "DDIM steps (default 50, at most T)") -> None:
+    """The flags of every command that runs a model: ``--checkpoint``, ``--raw-weights``, ``--device``,
+    ``--steps``, ``--no-progress``."""
+    parser.add_argument("--checkpoint", "--model", dest="checkpoint", type=Path,
+                        help="a diffcore checkpoint directory, a folder of checkpoints, a run's --out-dir, a "
+                        "converted model or a diffusers UNet2DModel/DDPMPipeline folder (default: the packaged "
+                        "model)")
+    parser.add_argument("--raw-weights", action="store_true",
+                        help="use the trained weights instead of the EMA ones")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--steps", type=int, help=steps_help)
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--threads", type=int, help="torch threads (default: physical cores this process may use, "
+                        "diffcore.runtime.default_threads; pass 1 on a machine shared with other jobs)")
+
+
+def add_speed_flags(parser: argparse.ArgumentParser) -> None:
+    """``--precision``, ``--compile``, ``--batch-size``: how a sampling command runs its model."""
+    from ..runtime import PRECISIONS
+
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="compute precision of the model (default fp32; auto: bf16 on GPUs and AMX CPUs, else fp32)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (graphs cached under ~/.cache/diffcore; the first run compiles "
+                        "for minutes on a CPU)")
+    parser.add_argument("--batch-size", type=int, help="images per model call (default 64 on a CPU, all on a GPU)")
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``--device`` as a torch.device (default: :func:`diffcore.train.distributed.default_device`); a device this
+    torch cannot use is a UsageError, not a crash later."""
+    from ..train.distributed import default_device
+
+    if not name:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device: expected a torch device such as cpu, cuda or cuda:1, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device; use --device "
+                             f"cpu") from None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise UsageError(f"--device: expected cpu or cuda[:N], got {name!r}")
+    return device
+
+
+def apply_threads(threads: Optional[int]) -> None:
+    """Set torch's thread count from ``--threads`` (default :func:`diffcore.runtime.default_threads`)."""
+    from ..runtime import set_threads
+
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads: expected >= 1, got {threads}")
+    set_threads(threads)
+
+
+def load_model(args: argparse.Namespace) -> LoadedModel:
+    """The model of ``--checkpoint`` (or the packaged one), on ``--device``, with the EMA weights unless
+    ``--raw-weights``. ``--checkpoint`` may be a diffcore checkpoint (or run folder), a converted model or a diffusers
+    ``UNet2DModel`` / ``DDPMPipeline`` folder (:func:`diffcore.convert.load_model`)."""
+    device = resolve_device(args.device)
+    apply_threads(getattr(args, "threads", None))
+    if args.checkpoint is None:
+        from ..pretrained import load_default
+
+        trained = load_default(device=device)
+    else:
+        from ..convert import load_model as load_any_model
+
+        if not args.checkpoint.exists():
+            raise FileNotFoundError(f"--checkpoint: no such file or folder {args.checkpoint}")
+        trained = load_any_model(args.checkpoint, use_ema=not args.raw_weights, device=device)
+    return LoadedModel(trained.model, trained.diffusion.to(device), tuple(trained.image_shape),
+                       trained.config.model.num_classes)
+
+
+def ddim_steps(args: argparse.Namespace, diffusion) -> tuple[int, str]:
+    """``(--steps or min(50, T), spacing)``: "uniform" when the steps divide T, else "even"."""
+    steps = args.steps if args.steps is not None else min(50, diffusion.num_timesteps)
+    if steps < 1 or steps > diffusion.num_timesteps:
+        raise UsageError(f"--steps: expected 1..{diffusion.num_timesteps} (the model's T), got {steps}")
+    return steps, ("uniform" if diffusion.num_timesteps % steps == 0 else "even")
+
+
+def class_labels(label: Optional[int], n: int, num_classes: Optional[int], device: torch.device
+                 ) -> Optional[dict]:
+    """``model_kwargs`` for ``n`` images: None for an unconditional model, else ``{"y": labels}`` with ``label``
+    for all or labels cycling through the classes."""
+    if num_classes is None:
+        if label is not None:
+            raise UsageError("--label: the model is not class-conditional")
+        return None
+    if label is not None and not 0 <= label <= num_classes:
+        raise UsageError(f"--label: expected 0..{num_classes} ({num_classes} = unconditional), got {label}")
+    y = torch.full((n,), label, device=device) if label is not None else torch.arange(n, device=device) % num_classes
+    return {"y": y}
+
+
+def _nearest_existing(path: Path) -> Path:
+    for parent in path.parents:
+        if parent.exists():
+            return parent
+    return Path(".")
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Fail before any work when ``path`` cannot be written as a file: no file name, an existing folder, a parent
+    that is a file, or a folder without write permission."""
+    if path.name in ("", ".", ".."):
+        raise UsageError(f"{flag}: expected a file path, got {str(path)!r} (a folder)")
+    if path.is_dir():
+        raise UsageError(f"{flag}: {path} is a folder; expected a file path")
+    parent = _nearest_existing(path)
+    if not parent.is_dir():
+        raise UsageError(f"{flag}: cannot create {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot write {path}: no write permission in {parent}")
+
+
+def check_output_folder(path: Path, flag: str) -> None:
+    """Fail before any work when ``path`` cannot be used as an output folder: an existing file, a parent that is a
+    file, or no write permission."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag}: {path} exists and is not a folder")
+    parent = path if path.is_dir() else _nearest_existing(path)
+    if not parent.is_dir():
+        raise UsageError(f"{flag}: cannot create {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag}: cannot write into {path}: no write permission in {parent}")

@@ -1,0 +1,132 @@
+"""What every sampling loop shares (the samplers here, DPS and the inpainting baseline in :mod:`diffcore.inverse`):
+the result type, seeds and initial noise, the loop's setup checked once, per-step timestep rows, progress, and the
+per-step record (intermediates and the user's callback).
+
+Noise convention (all samplers): one seed per call (given, or drawn once from ``generator``); x_T is Philox noise
+at offset 0 and step k (0-based, in visiting order) draws its noise inside the op at offset k + 1. The Philox
+counter includes the sample's index in the batch, so sample b is the same whatever the batch size, and the same
+on CPU and CUDA up to float rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..diffusion import GaussianDiffusion
+from ..reference.philox import philox_normal_like
+
+__all__ = ["SampleResult", "StepCallback", "draw_seed", "initial_noise", "prepare", "timestep_rows", "Intermediates",
+           "steps_progress"]
+
+#: ``callback(k, x, pred_x0)``, called after step k (0-based, in visiting order) with the new state and the
+#: model's x0 estimate at that step, both ``[B, ...]`` (on the device, not copied: clone what you keep).
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """A sampler's output.
+
+    sample: ``[B, ...]`` the final state (x_0 for samplers, x_T for inversion), the dtype of x_T.
+    timesteps: the original (model) timesteps visited, in visiting order.
+    seed: the Philox seed used (None for deterministic runs that drew no noise).
+    x_t, pred_x0: when intermediates were asked for, one ``[B, ...]`` tensor per step: the state after the step
+    and the model's x0 prediction at that step; else None.
+    """
+
+    sample: torch.Tensor
+    timesteps: tuple[int, ...]
+    seed: Optional[int]
+    x_t: Optional[tuple[torch.Tensor, ...]] = None
+    pred_x0: Optional[tuple[torch.Tensor, ...]] = None
+
+
+def draw_seed(seed: Optional[int], generator: Optional[torch.Generator]) -> int:
+    """``seed`` checked (an int in [0, 2**63)), or one drawn from ``generator`` (torch's default CPU one if None)."""
+    if seed is None:
+        return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed: expected an int in [0, 2**63) or None, got {seed!r}")
+    return seed
+
+
+def initial_noise(shape: Sequence[int], seed: int, *, dtype: torch.dtype = torch.float32,
+                  device: "torch.device | str" = "cpu") -> torch.Tensor:
+    """x_T ~ N(0, I) of ``shape`` from Philox (``seed``, offset 0), identical on every device up to rounding."""
+    return philox_normal_like(torch.empty(tuple(shape), dtype=dtype, device=device), seed, 0)
+
+
+def prepare(diffusion: GaussianDiffusion, shape: Optional[Sequence[int]], x_T: Optional[torch.Tensor],
+            *, dtype: torch.dtype, device, seed: Optional[int], generator: Optional[torch.Generator],
+            needs_noise: bool) -> tuple[GaussianDiffusion, torch.Tensor, Optional[int]]:
+    """Resolve (diffusion on the device, starting state, seed) for a sampler call: the loop's arguments are
+    checked here, once, never per step.
+
+    Exactly one of ``shape`` (then x_T is drawn in ``dtype`` on ``device``) and ``x_T`` is needed; a seed is
+    drawn when noise is needed.
+    """
+    if not isinstance(diffusion, GaussianDiffusion):
+        raise TypeError(f"diffusion: expected a GaussianDiffusion, got {type(diffusion).__name__}")
+    if x_T is None and shape is None:
+        raise ValueError("shape: expected the output shape (B, C, ...) when x_T is not given, got None")
+    if x_T is not None:
+        if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.dim() < 1:
+            raise TypeError(f"x_T: expected a floating-point tensor [B, ...], got {x_T!r:.80}")
+        if shape is not None and tuple(shape) != tuple(x_T.shape):
+            raise ValueError(f"shape: expected {tuple(x_T.shape)} (that of x_T) or None, got {tuple(shape)}")
+        device = x_T.device
+    else:
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < 1 or any(s < 0 for s in shape):
+            raise ValueError(f"shape: expected (B, ...) with non-negative sizes, got {shape}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype: expected a floating-point torch.dtype for x_T, got {dtype!r}")
+        device = torch.device(device) if device is not None else diffusion.device
+    diffusion = diffusion.to(device)
+    if needs_noise or x_T is None:
+        seed = draw_seed(seed, generator)
+    elif seed is not None:
+        seed = draw_seed(seed, None)
+    x = x_T if x_T is not None else initial_noise(shape, seed, dtype=dtype, device=device)
+    return diffusion, x, seed
+
+
+def timestep_rows(values: Sequence[int], batch: int, device) -> torch.Tensor:
+    """int64 ``[S, B]``: row k holds ``values[k]`` for every sample (contiguous rows; built once per call)."""
+    column = torch.tensor(list(values), dtype=torch.int64)
+    return column[:, None].expand(len(values), batch).contiguous().to(device)
+
+
+class Intermediates:
+    """The per-step record of a loop: collects (x_t, pred_x0) per step when enabled and calls ``callback``."""
+
+    def __init__(self, enabled: bool, callback: Optional[StepCallback] = None):
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback: expected a callable callback(k, x, pred_x0) or None, got "
+                            f"{type(callback).__name__}")
+        self.enabled = enabled
+        self.callback = callback
+        self.steps = 0  #: steps recorded so far
+        self.x_t: list[torch.Tensor] = []
+        self.pred_x0: list[torch.Tensor] = []
+
+    def add(self, x_t: torch.Tensor, pred_x0: torch.Tensor) -> None:
+        if self.enabled:
+            self.x_t.append(x_t)
+            self.pred_x0.append(pred_x0)
+        if self.callback is not None:
+            self.callback(self.steps, x_t, pred_x0)
+        self.steps += 1
+
+    def result(self, sample: torch.Tensor, timesteps: Iterable[int], seed: Optional[int]) -> SampleResult:
+        if not self.enabled:
+            return SampleResult(sample, tuple(timesteps), seed)
+        return SampleResult(sample, tuple(timesteps), seed, tuple(self.x_t), tuple(self.pred_x0))
+
+
+def steps_progress(num_steps: int, progress: bool, desc: str) -> Iterator[int]:
+    """range(num_steps) with a tqdm bar unless ``progress`` is False."""
+    return iter(tqdm(range(num_steps), disable=not progress, desc=desc, leave=False))

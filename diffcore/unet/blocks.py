@@ -1,0 +1,194 @@
+"""The U-Net's layers (improved-diffusion / ADM design): timestep embedding, GroupNorm in float32, residual
+blocks conditioned on the embedding, multi-head self-attention, and 2x down- / up-sampling.
+
+All blocks take and return ``[B, C, H, W]`` tensors in any memory format (channels_last is kept where torch
+keeps it) and any float dtype; under ``torch.autocast`` convs, linears and attention run in the low precision
+while GroupNorm statistics and the timestep embedding stay in float32.
+
+Speed (inference): when autograd is off (``torch.no_grad`` / ``inference_mode``) SiLU, the scale-shift and the
+residual add run in place on fresh intermediates, which saves an allocation (and its page faults) per op without
+changing a value; with autograd on the same ops run out of place.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import UNetConfig
+
+__all__ = ["timestep_embedding", "GroupNorm32", "Downsample", "Upsample", "ResBlock", "AttentionBlock",
+           "EmbedSequential", "zero_module"]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps (Transformer / DDPM / improved-diffusion convention).
+
+    Args:
+        t: ``[B]`` timesteps, int64 (the original, unrescaled steps 0..T-1) or float.
+        dim: embedding width; with ``half = dim // 2`` and ``f_i = max_period ** (-i / half)`` for i < half,
+            the result is ``[cos(t f_0), ..., cos(t f_{half-1}), sin(t f_0), ..., sin(t f_{half-1})]``, plus
+            one zero column when ``dim`` is odd.
+        max_period: the longest period, in timesteps.
+
+    Returns:
+        float32 ``[B, dim]`` on ``t``'s device (computed in float32 as improved-diffusion does, also under autocast).
+    """
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=t.device) / half
+    freqs = torch.exp(-math.log(max_period) * exponent)
+    args = t.to(torch.float32)[:, None] * freqs[None, :]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Set every parameter of ``module`` to zero (improved-diffusion's init of output layers) and return it."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+    return module
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding 1 (keeps H, W at stride 1, halves them at stride 2)."""
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU, in place on ``x`` when autograd is off (``x`` must then be a fresh intermediate)."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm with float32 statistics, returning the input dtype. ``[B, C, H, W] -> [B, C, H, W]``.
+
+    float32/float64 inputs are normalized in their dtype. A bf16 input on the CPU goes straight to torch's kernel,
+    which accumulates mean and variance in float32 and takes the float32 weight (same error as the round trip
+    through float32, without its two casts); other half-precision inputs are upcast to float32 and cast back.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.weight is not None:
+            with torch.autocast("cpu", enabled=False):
+                return F.group_norm(x, self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        weight, bias = self.weight, self.bias
+        if weight is not None and weight.dtype != xf.dtype:
+            weight, bias = weight.to(xf.dtype), bias.to(xf.dtype)
+        return F.group_norm(xf, self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+def normalization(config: UNetConfig, channels: int) -> GroupNorm32:
+    """GroupNorm for ``channels`` with ``config.groups_for(channels)`` groups (32 when it divides)."""
+    return GroupNorm32(config.groups_for(channels), channels)
+
+
+class Downsample(nn.Module):
+    """Halve H and W: a stride-2 3x3 conv (``use_conv``) or 2x2 average pooling. ``[B,C,H,W] -> [B,C,H/2,W/2]``."""
+
+    def __init__(self, channels: int, use_conv: bool):
+        super().__init__()
+        self.op = conv3x3(channels, channels, stride=2) if use_conv else nn.AvgPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W by nearest-neighbour repetition, then a 3x3 conv when ``use_conv``. ``-> [B,C,2H,2W]``."""
+
+    def __init__(self, channels: int, use_conv: bool):
+        super().__init__()
+        self.conv = conv3x3(channels, channels) if use_conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.conv is not None else x
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the embedding (improved-diffusion's ResBlock, BigGAN up/down optional).
+
+    ``h = conv(SiLU(GN(x)))``; then with scale-shift norm ``h = GN(h) * (1 + scale) + shift`` where
+    ``(scale, shift) = Linear(SiLU(emb))``, else ``h = GN(h + Linear(SiLU(emb)))``; then
+    ``h = conv_zero(dropout(SiLU(h)))`` and the result is ``skip(x) + h`` (skip: identity when the channels
+    match, else a 1x1 conv). With ``up``/``down`` both branches are resampled by nearest 2x / 2x2 average
+    pooling (the h branch after its first norm and SiLU). The last conv starts at zero, so a fresh block is
+    ``skip(x)``.
+
+    Shapes: x ``[B, channels, H, W]``, emb ``[B, config.time_embed_dim]`` -> ``[B, out_channels, H', W']``.
+    """
+
+    def __init__(self, config: UNetConfig, channels: int, out_channels: int, *, up: bool = False,
+                 down: bool = False):
+        super().__init__()
+        if up and down:
+            raise ValueError("up, down: a ResBlock resamples one way; got up=True and down=True")
+        self.use_scale_shift_norm = config.use_scale_shift_norm
+        self.in_norm = normalization(config, channels)
+        self.in_conv = conv3x3(channels, out_channels)
+        self.resample = Upsample(channels, False) if up else Downsample(channels, False) if down else None
+        emb_out = 2 * out_channels if config.use_scale_shift_norm else out_channels
+        self.emb_proj = nn.Linear(config.time_embed_dim, emb_out)
+        self.out_norm = normalization(config, out_channels)
+        self.dropout = nn.Dropout(config.dropout)
+        self.out_conv = zero_module(conv3x3(out_channels, out_channels))
+        self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = silu(self.in_norm(x))
+        if self.resample is not None:
+            h, x = self.resample(h), self.resample(x)
+        h = self.in_conv(h)
+        e = self.emb_proj(F.silu(emb)).to(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = e.chunk(2, dim=1)
+            h = torch.addcmul(shift, self.out_norm(h), 1 + scale)
+        else:
+            h = self.out_norm(h + e)
+        h = self.out_conv(self.dropout(silu(h)))
+        skip = self.skip(x)
+        if torch.is_grad_enabled() or skip.dtype != h.dtype:
+            return skip + h
+        return h.add_(skip)
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, with a residual connection.
+
+    ``tokens = GN(x)`` as ``[B, HW, C]``; ``q, k, v = Linear(tokens)`` split into ``num_heads`` heads of
+    ``d = C / num_heads`` channels (the 3C qkv features are ordered (q|k|v, head, channel));
+    ``out = softmax(q k^T / sqrt(d)) v`` per head through ``F.scaled_dot_product_attention``, heads
+    concatenated, then a zero-initialized output projection; returns ``x + out`` as ``[B, C, H, W]``.
+    ``upsample`` marks a block on the U-Net's way up (heads from ``config.num_heads_upsample`` when set).
+    """
+
+    def __init__(self, config: UNetConfig, channels: int, *, upsample: bool = False):
+        super().__init__()
+        self.num_heads = config.heads_for(channels, upsample=upsample)
+        self.norm = normalization(config, channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj_out = zero_module(nn.Linear(channels, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, height, width = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, T, C]; a view for channels_last input
+        qkv = self.qkv(tokens).unflatten(-1, (3, self.num_heads, c // self.num_heads))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, T, d]
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = self.proj_out(out.transpose(1, 2).reshape(b, height * width, c))  # [B, T, C]
+        return x + out.transpose(1, 2).reshape(b, c, height, width)
+
+
+class EmbedSequential(nn.Sequential):
+    """A sequence of layers where :class:`ResBlock` s also receive the embedding: ``forward(x, emb)``."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x

@@ -1,0 +1,5 @@
+import sys
+
+from reproduction.cli import main
+
+sys.exit(main())

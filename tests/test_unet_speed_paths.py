@@ -1,0 +1,189 @@
+"""The U-Net's fast paths (in-place ops without autograd, fused scale-shift, bf16 GroupNorm without the float32 round
+trip) against a functional re-implementation of the U-Net as it was before them, written here from the layer
+formulas with the module's parameters (no block forward is called)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import diffcore
+from diffcore.pretrained import load_default
+from diffcore.unet import UNet, UNetConfig
+from diffcore.unet.blocks import AttentionBlock, Downsample, GroupNorm32, ResBlock, Upsample
+
+
+def ref_norm(gn: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm in float32 (the former round trip) and back to x's dtype."""
+    return F.group_norm(x.float(), gn.num_groups, gn.weight.float(), gn.bias.float(), gn.eps).to(x.dtype)
+
+
+def ref_conv(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+
+
+def ref_resample(module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, Upsample):
+        x = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        return ref_conv(module.conv, x) if module.conv is not None else x
+    if isinstance(module.op, torch.nn.Conv2d):
+        return ref_conv(module.op, x)
+    return F.avg_pool2d(x, 2)
+
+
+def ref_resblock(block: ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    h = F.silu(ref_norm(block.in_norm, x))
+    if block.resample is not None:
+        h, x = ref_resample(block.resample, h), ref_resample(block.resample, x)
+    h = ref_conv(block.in_conv, h)
+    e = F.linear(F.silu(emb), block.emb_proj.weight, block.emb_proj.bias)[:, :, None, None]
+    if block.use_scale_shift_norm:
+        scale, shift = e.chunk(2, dim=1)
+        h = ref_norm(block.out_norm, h) * (1 + scale) + shift
+    else:
+        h = ref_norm(block.out_norm, h + e)
+    h = ref_conv(block.out_conv, F.silu(h))
+    skip = x if isinstance(block.skip, torch.nn.Identity) else ref_conv(block.skip, x)
+    return skip + h
+
+
+def ref_attention(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    b, c, hh, ww = x.shape
+    heads, d = block.num_heads, c // block.num_heads
+    tokens = ref_norm(block.norm, x).reshape(b, c, hh * ww).permute(0, 2, 1)
+    qkv = F.linear(tokens, block.qkv.weight, block.qkv.bias).reshape(b, hh * ww, 3, heads, d)
+    q, k, v = (qkv[:, :, i].permute(0, 2, 1, 3) for i in range(3))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    out = (weights @ v).permute(0, 2, 1, 3).reshape(b, hh * ww, c)
+    out = F.linear(out, block.proj_out.weight, block.proj_out.bias)
+    return x + out.permute(0, 2, 1).reshape(b, c, hh, ww)
+
+
+def ref_layer(layer, h, emb):
+    if isinstance(layer, ResBlock):
+        return ref_resblock(layer, h, emb)
+    if isinstance(layer, AttentionBlock):
+        return ref_attention(layer, h)
+    if isinstance(layer, (Upsample, Downsample)):
+        return ref_resample(layer, h)
+    return ref_conv(layer, h)
+
+
+def reference_forward(model: UNet, x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
+    """The U-Net's forward as it was (improved-diffusion's UNetModel), from the parameters."""
+    cfg = model.config
+    tt = t.to(torch.float32) * cfg.timestep_scale
+    half = cfg.model_channels // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    args = tt[:, None] * freqs[None]
+    emb = F.pad(torch.cat([torch.cos(args), torch.sin(args)], -1), (0, cfg.model_channels % 2)).to(x.dtype)
+    lin1, _, lin2 = model.time_embed
+    emb = F.linear(F.silu(F.linear(emb, lin1.weight, lin1.bias)), lin2.weight, lin2.bias)
+    if model.label_emb is not None:
+        emb = emb + model.label_emb.weight[y]
+    skips, h = [], x
+    for block in model.input_blocks:
+        for layer in block:
+            h = ref_layer(layer, h, emb)
+        skips.append(h)
+    for layer in model.middle_block:
+        h = ref_layer(layer, h, emb)
+    for block in model.output_blocks:
+        h = torch.cat([h, skips.pop()], dim=1)
+        for layer in block:
+            h = ref_layer(layer, h, emb)
+    norm, _, conv = model.out
+    return ref_conv(conv, F.silu(ref_norm(norm, h)))
+
+
+def random_model(seed: int = 0, **overrides) -> UNet:
+    """A small U-Net with every parameter perturbed (a fresh ADM U-Net outputs exactly zero)."""
+    base = dict(in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+                image_size=8, learn_sigma=True, num_heads=2, norm_groups=8)
+    base.update(overrides)
+    torch.manual_seed(seed)
+    model = UNet(UNetConfig(**base))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"use_scale_shift_norm": False, "num_classes": 3},
+                                       {"resblock_updown": True, "conv_resample": False}])
+@pytest.mark.parametrize("grad", [False, True])
+def test_fp32_forward_matches_the_former_forward(one_thread, overrides, grad):
+    model = random_model(1, **overrides)
+    torch.manual_seed(2)
+    x = torch.randn(5, 1, 8, 8)
+    t = torch.randint(0, 1000, (5,))
+    y = torch.tensor([0, 1, 2, 3, 1]) if "num_classes" in overrides else None
+    x_before = x.clone()
+    with torch.set_grad_enabled(grad):
+        got = model(x, t, y)
+    with torch.no_grad():
+        ref = reference_forward(model, x, t, y)
+    assert ref.std() > 0.1
+    assert torch.equal(x, x_before)  # the in-place paths never touch the input
+    assert (got.detach() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_gradients_match_the_former_forward(one_thread):
+    model = random_model(3)
+    x = torch.randn(3, 1, 8, 8)
+    t = torch.randint(0, 1000, (3,))
+    model(x, t).square().mean().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    reference_forward(model, x, t).square().mean().backward()
+    for g, r in zip(got, (p.grad for p in model.parameters())):
+        assert (g - r).abs().max() <= 1e-5 * (r.abs().max() + 1e-12)
+
+
+def test_packaged_model_samples_unchanged(one_thread):
+    packaged = load_default()
+    model = packaged.model.eval()
+    kw = dict(n=3, steps=5, seed=11, diffusion=packaged.diffusion, progress=False, image_shape=packaged.image_shape)
+    got = diffcore.sample(model, **kw)
+    ref = diffcore.sample(lambda x, t: reference_forward(model, x, t), **kw)
+    assert ref.std() > 0.1
+    assert (got - ref).abs().max() <= 1e-4
+
+
+def test_bf16_groupnorm_without_round_trip_is_as_accurate(one_thread):
+    """flash-attention's rule: the bf16 fast path's error against float64 at most ~2x the plain round trip's."""
+    torch.manual_seed(4)
+    gn = GroupNorm32(4, 16)
+    with torch.no_grad():
+        gn.weight.normal_()
+        gn.bias.normal_()
+    for offset in (0.0, 300.0):  # a large common offset: variance by cancellation would fail in bf16
+        x = (torch.randn(6, 16, 7, 7) * 3 + offset).bfloat16()
+        exact = F.group_norm(x.double(), 4, gn.weight.double(), gn.bias.double(), gn.eps)
+        got = gn(x)
+        with torch.autocast("cpu", torch.bfloat16):
+            got_autocast = gn(x)
+        plain = ref_norm(gn, x)
+        assert got.dtype == got_autocast.dtype == torch.bfloat16
+        err_plain = (plain.double() - exact).abs().max()
+        assert (got.double() - exact).abs().max() <= 2 * err_plain
+        assert (got_autocast.double() - exact).abs().max() <= 2 * err_plain
+
+
+def test_bf16_autocast_forward_close_to_fp32(one_thread):
+    model = random_model(5)
+    x = torch.randn(4, 1, 8, 8)
+    t = torch.randint(0, 1000, (4,))
+    with torch.no_grad():
+        exact = reference_forward(model.double(), x.double(), t)
+        model.float()
+        with torch.autocast("cpu", torch.bfloat16):
+            low = model(x, t)
+        with torch.autocast("cpu", torch.bfloat16):
+            plain = reference_forward(model, x, t)  # the former bf16 path (GroupNorm round trip)
+    assert low.dtype == torch.float32
+    err = (low.double() - exact).norm() / exact.norm()
+    err_plain = (plain.double() - exact).norm() / exact.norm()
+    assert 2.0**-9 / 20 < err <= 2 * err_plain + 2.0**-9
