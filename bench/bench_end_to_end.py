@@ -147,27 +147,32 @@ def bench_fid(args) -> None:
 
     packaged = load_default()
     real = load_fashion_mnist("test")[0]  # uint8 [10000, 28, 28]
+    runs = [(p, int(seed)) for p, seed in (item.split(":") for item in args.runs.split(","))]
     samples = {}
-    for precision in ("fp32", "bf16"):
+    for precision, seed in runs:
         start = time.perf_counter()
-        samples[precision] = diffcore.sample(packaged.model, n=args.n, seed=args.seed, diffusion=packaged.diffusion,
-                                             progress=False, precision=precision)
-        print(f"{precision}: {args.n} samples in {time.perf_counter() - start:.0f} s", flush=True)
-    diff = (samples["bf16"] - samples["fp32"]).abs()
-    print(f"pixels: mean |bf16 - fp32| {diff.mean():.4f}, fraction > 1/127.5: {(diff > 1 / 127.5).float().mean():.3f}")
-    print(f"\nFID in the project's classifier features, {args.n} samples each, seed {args.seed}; {machine()}")
-    print("| reference split | FID fp32 | FID bf16 | FID held-out real (floor) |\n|---|---|---|---|")
-    rows = []
+        samples[precision, seed] = diffcore.sample(packaged.model, n=args.n, seed=seed, diffusion=packaged.diffusion,
+                                                   progress=False, precision=precision)
+        print(f"{precision} seed {seed}: {args.n} samples in {time.perf_counter() - start:.0f} s", flush=True)
+    if ("fp32", args.seed) in samples and ("bf16", args.seed) in samples:
+        diff = (samples["bf16", args.seed] - samples["fp32", args.seed]).abs()
+        print(f"pixels: mean |bf16 - fp32| {diff.mean():.4f}, fraction > 1/127.5: "
+              f"{(diff > 1 / 127.5).float().mean():.3f}")
+    print(f"\nFID in the project's classifier features, {args.n} samples each; {machine()}")
+    names = [f"FID {p} seed {s}" for p, s in runs]
+    print(f"| reference split | {' | '.join(names)} | FID held-out real (floor) |\n|---{'|---' * (len(runs) + 1)}|")
+    table = []
     for split in range(args.splits):
         options = dict(with_floor=True, seed=split, kid_subset_size=min(1000, args.n))
-        s32 = score_samples(samples["fp32"], real, **options)
-        s16 = score_samples(samples["bf16"], real, **options)
-        rows.append((s32.fid, s16.fid, s32.floor.fid))
-        print(f"| {split} | {s32.fid:.3f} | {s16.fid:.3f} | {s32.floor.fid:.3f} |", flush=True)
-    d = [b - a for a, b, _ in rows]
-    floors = [f for _, _, f in rows]
-    print(f"FID bf16 - fp32: median {statistics.median(d):+.3f} (range {min(d):+.3f}..{max(d):+.3f}); floor "
-          f"{statistics.mean(floors):.3f} +- {statistics.stdev(floors) if len(floors) > 1 else 0:.3f} (sd over splits)")
+        scores = [score_samples(samples[run], real, **options) for run in runs]
+        table.append([s.fid for s in scores] + [scores[0].floor.fid])
+        print(f"| {split} | {' | '.join(f'{v:.3f}' for v in table[-1])} |", flush=True)
+    for i, name in enumerate(names[1:], 1):
+        d = [row[i] - row[0] for row in table]
+        print(f"{name} - {names[0]}: median {statistics.median(d):+.3f} (range {min(d):+.3f}..{max(d):+.3f})")
+    floors = [row[-1] for row in table]
+    print(f"floor {statistics.mean(floors):.3f} +- {statistics.stdev(floors) if len(floors) > 1 else 0:.3f} (sd over "
+          f"splits)")
 
 
 def main() -> None:
@@ -175,7 +180,10 @@ def main() -> None:
     parser.add_argument("what", choices=("sample", "train", "fid"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n", type=int, default=None, help="images (sample: 64, fid: 500)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="fid: the seed of the fp32/bf16 pixel comparison")
+    parser.add_argument("--runs", default="fp32:0,bf16:0,fp32:1",
+                        help="fid: precision:seed runs; the first is the baseline (fp32 at another seed gives the "
+                        "sampling noise of FID)")
     parser.add_argument("--splits", type=int, default=5, help="fid: disjoint reference splits")
     parser.add_argument("--compile", action="store_true", help="sample: also the torch.compile options")
     parser.add_argument("--threads", type=int, default=1)

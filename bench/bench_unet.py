@@ -60,3 +60,31 @@ def test_unet_train_step_fashion_mnist_small(benchmark):
         return loss.detach()
 
     assert torch.isfinite(benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("library", ["diffcore", "diffusers"])
+def test_unet_forward_vs_diffusers(benchmark, library, precision):
+    """The packaged Fashion-MNIST config (1,743,170 parameters) at batch 64 against diffusers' UNet2DModel of the
+    same size (DESIGN.md section 5); compare the medians of the same precision."""
+    if library == "diffusers":
+        pytest.importorskip("diffusers")
+        from bench_end_to_end import diffusers_unet
+
+        model = diffusers_unet()
+        call = lambda: model(x, t).sample  # noqa: E731
+    else:
+        from diffcore.pretrained import load_default
+
+        model = load_default().model.eval()
+        call = lambda: model(x, t)  # noqa: E731
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 28, 28)
+    t = torch.randint(0, 1000, (64,))
+    benchmark.extra_info.update(library=library, precision=precision, batch=64, threads=1)
+
+    def forward():
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            return call()
+
+    assert benchmark.pedantic(forward, rounds=5, warmup_rounds=1, iterations=1).shape == (64, 2, 28, 28)

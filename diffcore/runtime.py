@@ -27,7 +27,7 @@ from typing import Any, Literal, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["CpuFeatures", "cpu_features", "Precision", "PRECISIONS", "resolve_precision", "precision_context",
+__all__ = ["CpuFeatures", "cpu_features", "Precision", "PRECISIONS", "DEFAULT_PRECISION", "resolve_precision", "precision_context",
            "default_threads", "set_threads", "cache_dir", "BucketedModel", "compile_model", "bucket_for",
            "DEFAULT_BUCKETS", "CPU_BATCH_SIZE", "default_batch_size", "batch_slices", "slice_rows", "training_bf16"]
 
@@ -36,6 +36,9 @@ _FEATURE_NAMES = ("amx", "avx512_bf16", "avx512", "avx2", "amd")
 
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "auto")
+#: the precision of ``diffcore.sample`` and ``diffcore sample`` when none is given: bf16 where the hardware runs it
+#: fast, whose FID was within noise of fp32 (bench/RESULTS.md), else fp32
+DEFAULT_PRECISION: Precision = "auto"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: batch buckets of :func:`compile_model`: a batch of n runs padded to the smallest bucket >= n

@@ -90,8 +90,9 @@ def run_inversion_table(ctx: Context) -> dict[str, Any]:
     rows, pictures = [], [x0[:8]]
     for steps in s.inversion_steps:
         started = time.perf_counter()
-        latent = ddim_invert(bundle.model, bundle.diffusion, x0, steps=steps, progress=ctx.progress).sample
-        recon = ddim_sample(bundle.model, bundle.diffusion, x_T=latent, steps=steps, eta=0.0,
+        encoded = ddim_invert(bundle.model, bundle.diffusion, x0, steps=steps, progress=ctx.progress)
+        latent = encoded.sample
+        recon = ddim_sample(bundle.model, bundle.diffusion, x_T=latent, steps=list(encoded.timesteps), eta=0.0,
                             progress=ctx.progress).sample
         error = (recon - x0).square().flatten(1).mean(1)
         rows.append({"steps": int(steps), "mse": mean_sem(error), "latent_std": float(latent.std()),

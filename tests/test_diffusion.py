@@ -416,3 +416,36 @@ def test_model_output_conventions(schedule):
     d = GaussianDiffusion(schedule, "eps", "learned_range")
     got = d.call_model(lambda x, t: {"sample": out.double()}, x, torch.zeros(2, dtype=torch.int64))
     assert got.dtype == x.dtype and torch.equal(got, out)
+
+
+# ------------------------------------------------------------------------- precision of the x0 / eps coefficients
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_predict_x0_eps_coefficients_are_float64_then_cast(prediction):
+    """Issue 15: at t = 0 of the cosine schedule abar is ~1 - 4e-8, and sqrt(1/abar - 1) computed from a float32 abar
+    cancels (9.6e-4 relative). The float32 result must be as close to a float64 computation (done here from the
+    spec's formulas, independently of diffcore) as the fused op's float32 pred_x0 is: at most twice its error."""
+    d = GaussianDiffusion(make_schedule("cosine", 1000), prediction)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, generator=gen)
+    out = torch.randn(4, 3, 8, 8, generator=gen)
+    t = torch.tensor([0, 0, 1, 2])
+    abar = col(d.alphas_cumprod[t], x)
+    x64, out64 = x.double(), out.double()
+    if prediction == "eps":
+        x0_ref, eps_ref = (1 / abar).sqrt() * x64 - (1 / abar - 1).sqrt() * out64, out64
+    elif prediction == "x0":
+        x0_ref, eps_ref = out64, ((1 / abar).sqrt() * x64 - out64) / (1 / abar - 1).sqrt()
+    else:
+        x0_ref = abar.sqrt() * x64 - (1 - abar).sqrt() * out64
+        eps_ref = abar.sqrt() * out64 + (1 - abar).sqrt() * x64
+    x0, eps = d.predict_x0_eps(out, x, t)
+    assert x0.dtype == eps.dtype == torch.float32
+    _, x0_op = ops.ddim_step(x, out, t, t - 1, d.alphas_cumprod, 0.0, prediction_type=prediction, impl="reference")
+    op_error = ((x0_op.double() - x0_ref).abs().max() / x0_ref.abs().max()).item()
+    assert op_error < 1e-6
+    err = lambda a, b: ((a.double() - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    assert err(x0, x0_ref) <= max(2 * op_error, 2 ** -23)
+    assert err(eps, eps_ref) <= 2 * 2 ** -23 + 2 * op_error
+    # it reaches p_mean_variance's pred_x0 too
+    pmv = d.p_mean_variance(None, x, t, model_output=out)
+    assert err(pmv.pred_x0, x0_ref) <= max(2 * op_error, 2 ** -23)

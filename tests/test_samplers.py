@@ -275,18 +275,27 @@ def test_ddim_matches_diffusers_ddim_scheduler_on_a_diffusers_unet(eta, use_clip
     assert (other.sample - x).abs().max() > 1e-3  # the test tells the two conventions apart
 
 
-def test_callback_sees_each_step_like_the_intermediates(linear):
+def test_callback_sees_each_step_like_the_intermediates_and_can_stop(linear):
+    """callback(step, t, x, pred_x0) sees what return_intermediates keeps, with the step's model timestep; returning
+    True stops after that step: the result is the state reached then, equal to the full run's state there."""
     d = GaussianDiffusion(linear, "eps", "learned_range")
     model = toy_image_model(learned=True)
     for run in (lambda **kw: ddpm_sample(model, d, (2, 3, 2, 2), steps=6, seed=1, progress=False, **kw),
                 lambda **kw: ddim_sample(model, d, (2, 3, 2, 2), steps=6, eta=0.3, seed=1, progress=False, **kw),
-                lambda **kw: ode_sample(model, d, (2, 3, 2, 2), steps=6, seed=1, progress=False, **kw)):
+                lambda **kw: ode_sample(model, d, (2, 3, 2, 2), steps=6, seed=1, progress=False, **kw),
+                lambda **kw: ode_sample(model, d, (2, 3, 2, 2), steps=6, seed=1, solver="heun", progress=False, **kw),
+                lambda **kw: ode_sample(model, d, (2, 3, 2, 2), steps=6, seed=1, solver="dpmpp_2m_sde",
+                                        progress=False, **kw)):
         seen = []
-        result = run(callback=lambda k, x, x0: seen.append((k, x, x0)), return_intermediates=True)
-        assert [k for k, _, _ in seen] == list(range(len(result.timesteps)))
-        assert all(torch.equal(x, a) and torch.equal(x0, b) for (_, x, x0), a, b in zip(seen, result.x_t,
-                                                                                       result.pred_x0))
+        result = run(callback=lambda k, t, x, x0: seen.append((k, t, x, x0)), return_intermediates=True)
+        assert [k for k, *_ in seen] == list(range(len(result.timesteps)))
+        assert [t for _, t, *_ in seen] == list(result.timesteps)
+        assert all(torch.equal(x, a) and torch.equal(x0, b) for (_, _, x, x0), a, b in zip(seen, result.x_t,
+                                                                                          result.pred_x0))
         assert torch.equal(run(callback=None).sample, result.sample)
+        stopped = run(callback=lambda k, t, x, x0: k == 2)
+        assert stopped.timesteps == result.timesteps[:3]
+        assert torch.equal(stopped.sample, result.x_t[2])
     with pytest.raises(TypeError, match="callback: expected a callable"):
         ddim_sample(model, d, (2, 3, 2, 2), steps=3, callback=3, progress=False)
 

@@ -19,7 +19,7 @@ from diffcore import data
 from diffcore.images import load_image_folder
 from diffcore.train import TrainConfig, Trainer
 from diffcore.train.logging import LossPlot
-from diffcore.unet import UNetConfig
+from diffcore.unet import UNet, UNetConfig
 
 from helpers import run_cli
 
@@ -109,12 +109,12 @@ def test_shards_and_packed_array_serve_the_folder_batches(folder, tmp_path):
     assert info["count"] == N_IMAGES and info["class_names"] == [f"class_{k}" for k in range(4)]
     memory = in_memory(folder)
     spec = str(tmp_path / "shards" / "shard-{000000..000002}.tar")
-    for source, kind in ((data.open_source(spec, hflip=True), data.TarShardSource),
-                         (data.open_source(str(tmp_path / "shards"), hflip=True), data.TarShardSource),
-                         (data.open_source(str(tmp_path / "npy"), hflip=True), data.PackedArraySource)):
+    for source, kind, workers in ((data.open_source(spec, hflip=True), data.TarShardSource, 1),
+                                  (data.open_source(str(tmp_path / "shards"), hflip=True), data.TarShardSource, 0),
+                                  (data.open_source(str(tmp_path / "npy"), hflip=True), data.PackedArraySource, 0)):
         assert isinstance(source, kind) and torch.equal(source.labels, memory.labels)
         assert_same_batches(data.ShardedBatches(memory, 50, seed=9),
-                            data.ShardedBatches(source, 50, seed=9, num_workers=1), 42)
+                            data.ShardedBatches(source, 50, seed=9, num_workers=workers), 42)
     # the WebDataset layout, read with tarfile independently of the reader
     with tarfile.open(tmp_path / "shards" / "shard-000001.tar") as archive:
         names = archive.getnames()
@@ -152,7 +152,7 @@ def tiny_config(out_dir, data_path, **overrides) -> TrainConfig:
                        norm_groups=4)
     base = dict(data=str(data_path), image_size=8, hflip=True, model=model, batch_size=8, total_steps=12,
                 log_every=3, checkpoint_every=100, num_timesteps=4, progress=False, ema_rate=0.9,
-                out_dir=str(out_dir), lr=1e-3)
+                out_dir=str(out_dir), lr=1e-3, bf16=False)  # float32: DDP compares to float rounding
     base.update(overrides)
     return TrainConfig(**base)
 
@@ -162,21 +162,20 @@ def test_training_streamed_equals_in_memory_and_resumes_bit_exact_with_workers(s
     memory = Trainer(tiny_config(tmp_path / "memory", small_folder),
                      dataset=data.ImageDataset(images, labels, hflip=True))
     memory.train()
-    straight = Trainer(tiny_config(tmp_path / "straight", small_folder))
-    assert isinstance(straight.batches.dataset, data.ImageFolderSource)
-    straight.train()
+    # streamed, stopped after 7 steps and resumed with another number of workers: the in-memory weights, bit for bit
     first = Trainer(tiny_config(tmp_path / "resumed", small_folder, num_workers=2))
+    assert isinstance(first.batches.dataset, data.ImageFolderSource)
     first.train(max_steps=7)
     del first
     second = Trainer(tiny_config(tmp_path / "resumed", small_folder, num_workers=1))  # workers may change
     assert second.step == 7
     second.train()
-    for other in (straight, second):
-        for key, value in memory.model.state_dict().items():
-            assert torch.equal(value, other.model.state_dict()[key]), key
-        for key, value in memory.ema.state_dict().items():
-            assert torch.equal(value, other.ema.state_dict()[key]), key
-    initial = Trainer(tiny_config(tmp_path / "init", small_folder), resume=False).model.state_dict()
+    for key, value in memory.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[key]), key
+    for key, value in memory.ema.state_dict().items():
+        assert torch.equal(value, second.ema.state_dict()[key]), key
+    torch.manual_seed(memory.config.seed)  # the trainer's initial weights: not vacuous, 12 steps moved them
+    initial = UNet(memory.config.model).state_dict()
     assert max(float((memory.model.state_dict()[k] - initial[k]).abs().max()) for k in initial) > 1e-3
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [3, 6, 7, 9, 12] and all(r["skipped_images"] == 0 for r in log)
@@ -294,14 +293,20 @@ def test_labels_file(tmp_path):
 # ------------------------------------------------------------------------------------------------ memory
 RSS_SCRIPT = """
 import resource, sys, torch
+def peak_kib():  # VmHWM: getrusage's ru_maxrss would start at the parent's (pytest's) RSS, carried over the exec
+    try:
+        with open("/proc/self/status") as status:
+            return int(status.read().split("VmHWM:")[1].split()[0])
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 torch.set_num_threads(1)
 from diffcore.data import ShardedBatches, open_source
 stream = ShardedBatches(open_source(sys.argv[1], image_size=8), 50)
 next(stream)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kib()
 for _ in range(stream.batches_per_epoch - 1):
     next(stream)
-print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(before, peak_kib())
 """
 
 
@@ -334,20 +339,20 @@ def test_pack_cli_and_its_errors(small_folder, tmp_path, capsys):
     assert code == 2 and "bad.png" in err and not (tmp_path / "nothing").exists()
 
 
-def test_train_cli_on_shards_with_tensorboard(small_folder, tmp_path, capsys):
+def test_train_cli_on_shards_with_tensorboard(small_folder, tmp_path, capsys, monkeypatch):
     data.pack_folder(small_folder, tmp_path / "shards", 8, channels=1, shard_size=20)
     argv = ["train", "--data", str(tmp_path / "shards" / "shard-{000000..000003}.tar"), "--image-size", "8",
             "--in-channels", "1", "--model-channels", "8", "--channel-mult", "1,2", "--num-res-blocks", "1",
             "--attention-resolutions", "", "--num-heads", "1", "--num-timesteps", "4", "--batch-size", "8",
-            "--steps", "4", "--log-every", "2", "--out-dir", str(tmp_path / "run"), "--no-progress",
-            "--num-workers", "1", "--tensorboard"]
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        code, _, err = run_cli(capsys, *argv)
-        assert code == 2 and "tensorboard package is not installed" in err
-        return
-    code, out, err = run_cli(capsys, *argv)
+            "--steps", "4", "--log-every", "2", "--no-progress", "--num-workers", "1", "--tensorboard",
+            "--sample-every", "4", "--sample-n", "4", "--sample-steps", "2"]
+    with monkeypatch.context() as patch:  # as without the package (importing a None module raises ImportError)
+        patch.setitem(sys.modules, "torch.utils.tensorboard", None)
+        code, _, err = run_cli(capsys, *argv, "--out-dir", tmp_path / "without")
+        assert code == 2 and "the tensorboard package is not installed" in err, err
+        assert not (tmp_path / "without" / "checkpoints").exists()
+    pytest.importorskip("tensorboard")
+    code, out, err = run_cli(capsys, *argv, "--out-dir", tmp_path / "run")
     assert code == 0, err
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -358,13 +363,20 @@ def test_train_cli_on_shards_with_tensorboard(small_folder, tmp_path, capsys):
     assert [e.step for e in loss] == [r["step"] for r in log] == [2, 4]
     assert [e.value for e in loss] == pytest.approx([r["loss"] for r in log], rel=1e-6)
     assert {"train/lr", "train/grad_norm", "train/images_per_s"} <= set(events.Tags()["scalars"])
+    # the sample grid: the PNG written to samples/, as an RGB image at its step
+    from PIL import Image
+
+    (image,) = events.Images("samples")
+    with Image.open(io.BytesIO(image.encoded_image_string)) as logged, \
+            Image.open(tmp_path / "run" / "samples" / "step_00000004.png") as written:
+        assert image.step == 4 and np.array_equal(np.asarray(logged), np.asarray(written.convert("RGB")))
 
 
 def test_loss_plot_keeps_bounded_points(tmp_path):
     records = [{"step": s, "loss": float(s), "mse": 1.0, "vb": None} for s in range(1, 10)]
-    plot = LossPlot(tmp_path / "loss.png", records[:3], max_points=4)
-    for record in records[3:]:
-        plot.add(record)
+    plot = LossPlot(tmp_path / "loss.png", records[:8], max_points=4)  # as when resuming: read from the log
+    assert not (tmp_path / "loss.png").exists()
+    plot.add(records[8])
     # by hand: 1..4 kept; 5 -> (1+2)/2, (3+4)/2, 5; 6 appended; 7 -> (1.5+3.5)/2, (5+6)/2, 7; 8; 9 -> 4, 7.5, 9
     assert plot.curves["loss"] == [(4.0, 4.0), (7.5, 7.5), (9.0, 9.0)]
     assert plot.curves["vb"] == []

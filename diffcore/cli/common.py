@@ -48,10 +48,11 @@ def add_model_flags(parser: argparse.ArgumentParser,
 
 def add_speed_flags(parser: argparse.ArgumentParser) -> None:
     """``--precision``, ``--compile``, ``--batch-size``: how a sampling command runs its model."""
-    from ..runtime import PRECISIONS
+    from ..runtime import DEFAULT_PRECISION, PRECISIONS
 
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="compute precision of the model (default fp32; auto: bf16 on GPUs and AMX CPUs, else fp32)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                        help="compute precision of the model (default auto: bf16 on GPUs and on CPUs where it is fast, "
+                        "AMX or AMD AVX512-BF16, else fp32; fp32 gives the same images on every machine)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model (graphs cached under ~/.cache/diffcore; the first run compiles "
                         "for minutes on a CPU)")

@@ -1,32 +1,52 @@
-"""``diffcore sample``: generate images and write them as a PNG grid (and optionally an ``.npz``)."""
+"""``diffcore sample``: generate images with any sampler (``--sampler``, ``--steps``, ``--schedule``, ``--eta``),
+optionally class-conditional with classifier-free guidance (``--class``, ``--guidance-scale``), and write them as a
+PNG grid (default), one PNG per image or an ``.npz`` (``--format``), all outputs of a call together or none."""
 from __future__ import annotations
 
 import argparse
 import time
 from pathlib import Path
 
-from ..images import grid_png, npz_bytes, to_uint8
+from ..images import encode_png, grid_png, npz_bytes, to_uint8
 from ..outputs import write_together
-from .common import UsageError, add_model_flags, add_speed_flags, check_output_file, class_labels, ddim_steps, load_model
+from .common import (UsageError, add_model_flags, add_speed_flags, check_output_file, check_output_folder,
+                     load_model)
 
 
 def register(sub) -> None:
     """Add the ``sample`` subcommand to the subparsers ``sub``."""
     p = sub.add_parser("sample", help="generate images (PNG grid and/or .npz)",
-                       description="Generate images with DDIM (default) or ancestral sampling.")
+                       description="Generate images with any of diffcore's samplers (default: the model kind's "
+                       "best at 50 model calls: respaced ancestral for a learned variance, DDIM for a fixed one).")
     add_model_flags(p)
     add_speed_flags(p)
     p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
     p.add_argument("--fast", action="store_true", help="DDIM with few steps (the default; kept for clarity)")
     p.add_argument("--ancestral", action="store_true", help="ancestral DDPM sampling instead of DDIM (all T "
                    "steps, or a respaced process with --steps)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0: deterministic)")
+    from ..samplers import SAMPLERS, SPACINGS
+
+    p.add_argument("--sampler", choices=SAMPLERS, help="the sampler (default: respaced ancestral for a learned-variance "
+                   "model, ddim for a fixed one; see the README's sampler table)")
+    p.add_argument("--schedule", choices=SPACINGS, help="spacing of the steps (default: the sampler's)")
+    p.add_argument("--eta", type=float, help="stochasticity of ddim (default 0) and dpm++2m-sde (default 1)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale s for a class-conditional "
+                   "model trained with label dropout (1: the conditional model, 0: unconditional, > 1: sharper)")
+    p.add_argument("--format", choices=("grid", "png", "npz"), default="grid",
+                   help="grid: one PNG grid (default); png: --out is a folder of numbered PNGs, one per image "
+                   "(for torch-fidelity / clean-fid); npz: uint8 [N, H, W, C] as arr_0, labels as arr_1")
     p.add_argument("--seed", type=int, default=0, help="seed of all noise (default 0)")
-    p.add_argument("--label", type=int, help="class label for a class-conditional model (default: cycle)")
-    p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid to write")
-    p.add_argument("--npz", type=Path, help="also write the images as uint8 [N, H, W, C] ('images') to .npz")
+    p.add_argument("--class", "--label", dest="label", type=int, nargs="+",
+                   help="class label(s) for a class-conditional model, cycled over the images (default: all classes "
+                   "in turn; the null class K for unconditional)")
+    p.add_argument("--out", type=Path, help="output: the PNG grid (default samples.png), the folder of PNGs "
+                   "(default samples/) or the .npz (default samples.npz)")
+    p.add_argument("--npz", type=Path, help="also write the images as uint8 [N, H, W, C] (arr_0, labels arr_1) to .npz")
     p.add_argument("--nrow", type=int, help="images per grid row (default: square grid)")
     p.set_defaults(run=run)
+
+
+DEFAULT_OUT = {"grid": Path("samples.png"), "png": Path("samples"), "npz": Path("samples.npz")}
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -34,46 +54,96 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--n: expected >= 1, got {args.n}")
     if args.fast and args.ancestral:
         raise UsageError("--fast and --ancestral exclude each other")
-    if not 0 <= args.eta < float("inf"):
+    if args.ancestral and args.sampler not in (None, "ancestral"):
+        raise UsageError(f"--ancestral and --sampler {args.sampler} exclude each other")
+    if args.eta is not None and not 0 <= args.eta < float("inf"):
         raise UsageError(f"--eta: expected a finite value >= 0, got {args.eta}")
+    if args.guidance_scale is not None and not abs(args.guidance_scale) < float("inf"):
+        raise UsageError(f"--guidance-scale: expected a finite number, got {args.guidance_scale}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size: expected >= 1, got {args.batch_size}")
     if args.nrow is not None and args.nrow < 1:
         raise UsageError(f"--nrow: expected >= 1, got {args.nrow}")
-    check_output_file(args.out, "--out")
+    args.out = args.out if args.out is not None else DEFAULT_OUT[args.format]
+    if args.format == "png":
+        check_output_folder(args.out, "--out")
+    else:
+        check_output_file(args.out, "--out")
     if args.npz:
         check_output_file(args.npz, "--npz")
         if args.npz.resolve() == args.out.resolve():
             raise UsageError("--npz: must differ from --out")
 
 
+def _labels(args: argparse.Namespace, num_classes, device):
+    """int64 ``[n]`` labels (the given ones cycled, or every class in turn), or None for an unconditional model."""
+    import torch
+
+    if num_classes is None:
+        if args.label is not None or args.guidance_scale is not None:
+            flag = "--class" if args.label is not None else "--guidance-scale"
+            raise UsageError(f"{flag}: the model is not class-conditional")
+        return None
+    labels = args.label if args.label is not None else list(range(num_classes))
+    bad = [k for k in labels if not 0 <= k <= num_classes]
+    if bad:
+        raise UsageError(f"--class: expected labels in 0..{num_classes} ({num_classes} = unconditional), got {bad}")
+    return torch.tensor(labels, dtype=torch.int64, device=device).repeat(-(-args.n // len(labels)))[:args.n]
+
+
+def _output_files(args: argparse.Namespace, images, labels) -> dict:
+    """What to write: {path: bytes} for the chosen format (and --npz)."""
+    pixels = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()  # [N, H, W, C]
+    arrays = {"arr_0": pixels}
+    if labels is not None:
+        arrays["arr_1"] = labels.cpu().numpy()
+    if args.format == "grid":
+        files = {args.out: grid_png(images, nrow=args.nrow)}
+    elif args.format == "png":
+        width = max(6, len(str(args.n - 1)))
+        files = {args.out / f"{i:0{width}d}.png": encode_png(p[..., 0] if p.shape[-1] == 1 else p)
+                 for i, p in enumerate(pixels)}
+    else:
+        files = {args.out: npz_bytes(**arrays)}
+    if args.npz:
+        files[args.npz] = npz_bytes(**arrays)
+    return files
+
+
 def run(args: argparse.Namespace) -> int:
-    """Write the PNG grid (and the .npz) of ``--n`` generated images, together or not at all."""
+    """Write the images of ``--n`` samples in ``--format`` (and the .npz), together or not at all."""
+    from ..guidance import classifier_free_guidance
     from ..pipelines.sample import sample
+    from ..samplers import SAMPLER_INFO, default_sampler
 
     _check(args)
     started = time.perf_counter()
     loaded = load_model(args)
     device = loaded.diffusion.device
-    kwargs = class_labels(args.label, args.n, loaded.num_classes, device)
-    if args.ancestral:
-        steps = args.steps
-        if steps is not None and not 1 <= steps <= loaded.diffusion.num_timesteps:
-            raise UsageError(f"--steps: expected 1..{loaded.diffusion.num_timesteps}, got {steps}")
-        what = f"ancestral, {steps or loaded.diffusion.num_timesteps} steps"
-    else:
-        steps, _ = ddim_steps(args, loaded.diffusion)
-        what = f"DDIM, {steps} steps, eta {args.eta}"
-    images = sample(loaded.model, n=args.n, fast=not args.ancestral, steps=steps, eta=args.eta, seed=args.seed,
-                    device=device, diffusion=loaded.diffusion, image_shape=loaded.image_shape,
+    T = loaded.diffusion.num_timesteps
+    if args.steps is not None and not 1 <= args.steps <= T:
+        raise UsageError(f"--steps: expected 1..{T} (the model's T), got {args.steps}")
+    sampler = "ancestral" if args.ancestral else args.sampler or default_sampler(loaded.diffusion)
+    if args.eta is not None and SAMPLER_INFO[sampler].eta_default is None and args.eta != 0:
+        raise UsageError(f"--eta: the {sampler} sampler takes no eta (use ddim or dpm++2m-sde)")
+    steps = args.steps if args.steps is not None or not args.ancestral else None
+    labels = _labels(args, loaded.num_classes, device)
+    model, kwargs, batch_size = loaded.model, None, args.batch_size
+    if labels is not None and args.guidance_scale is not None:
+        model = classifier_free_guidance(loaded.model, labels, args.guidance_scale, null_class=loaded.num_classes)
+        batch_size = args.n  # the guided model holds the labels of the whole batch
+    elif labels is not None:
+        kwargs = {"y": labels}
+    images = sample(model, n=args.n, steps=steps, sampler=sampler, schedule=args.schedule, eta=args.eta,
+                    seed=args.seed, device=device, diffusion=loaded.diffusion, image_shape=loaded.image_shape,
                     progress=args.progress, model_kwargs=kwargs, precision=args.precision, compile=args.compile,
-                    batch_size=args.batch_size)
-    files = {args.out: grid_png(images, nrow=args.nrow)}
-    if args.npz:
-        extra = {"labels": kwargs["y"].cpu().numpy()} if kwargs else {}
-        files[args.npz] = npz_bytes(images=to_uint8(images).permute(0, 2, 3, 1).cpu().numpy(), **extra)
+                    batch_size=batch_size)
+    files = _output_files(args, images, labels)
     write_together(files)
-    wrote = f"{args.out}" + (f" and {args.npz}" if args.npz else "")
+    wrote = f"{args.out}" + (f" ({args.n} PNGs)" if args.format == "png" else "") + \
+        (f" and {args.npz}" if args.npz else "")
+    what = f"{sampler}, {steps or T} steps" + (f", eta {args.eta}" if args.eta is not None else "") + \
+        (f", guidance scale {args.guidance_scale}" if args.guidance_scale is not None else "")
     print(f"diffcore sample: wrote {wrote} ({args.n} images, {what}, seed {args.seed}) in "
           f"{time.perf_counter() - started:.1f} s on {device}")
     return 0

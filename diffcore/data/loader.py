@@ -8,6 +8,7 @@ data set (index ``i + 1``, ``i + 2``, ... wrapping around), deterministically, a
 """
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
@@ -74,6 +75,14 @@ def _keep(batch: DecodedBatch) -> DecodedBatch:
     return batch
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave Ctrl-C (sent to the whole process group) and SIGTERM to the main process, which finishes its
+    step, checkpoints and shuts them down; a worker whose main process died exits by itself (DataLoader's
+    watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def decoded_batches(source: ImageSource, requests: Iterable[tuple[object, list[int]]], *, num_workers: int = 0,
                     skip_bad_images: bool = False, pin_memory: bool = False, prefetch_factor: int = 4
                     ) -> Iterator[DecodedBatch]:
@@ -84,5 +93,5 @@ def decoded_batches(source: ImageSource, requests: Iterable[tuple[object, list[i
         raise ValueError(f"num_workers: expected an int >= 0, got {num_workers!r}")
     loader = torch.utils.data.DataLoader(
         BatchDecoder(source, skip_bad_images), sampler=requests, batch_size=None, num_workers=num_workers,
-        collate_fn=_keep, pin_memory=pin_memory, prefetch_factor=prefetch_factor if num_workers else None)
+        collate_fn=_keep, pin_memory=pin_memory, worker_init_fn=_ignore_stop_signals, prefetch_factor=prefetch_factor if num_workers else None)
     return iter(loader)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import glob
 import io
-import os
 import re
 import tarfile
 from pathlib import Path

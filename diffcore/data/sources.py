@@ -46,7 +46,8 @@ def decode_image(data: "Union[str, os.PathLike, bytes]", name: str, channels: Li
         data: the file's path or its bytes.
         name: names the image in errors (its path, or ``shard.tar:member``).
         channels: 1 (PIL "L", ITU-R 601-2 luma) or 3 (RGB; alpha dropped).
-        image_size: resize (shorter side) and centre-crop to ``image_size`` (:func:`diffcore.images.center_crop_resize`).
+        image_size: resize (shorter side) and centre-crop to ``image_size``
+            (:func:`diffcore.images.center_crop_resize`).
         expected: without ``image_size``, the ``(height, width)`` every image must have.
     Raises :class:`BadImageError` naming ``name`` when the file cannot be decoded or has another size.
     """

@@ -108,8 +108,8 @@ class ClassifierGuidance:
         y = self._labels.get(x.device)
         grad = classifier_log_prob_grad(self.classifier, x, t, y, y_max=self._y_max)
         dtype = prediction.dtype
-        abar = formulas.per_sample(self._abar.get(x.device)[t], prediction).to(dtype)
-        shift = (1.0 - abar).sqrt() * scale_like(self.scale, self._scale_cache, prediction) * grad.to(dtype)
+        abar = formulas.per_sample(self._abar.get(x.device)[t].double(), prediction)  # float64 coefficients
+        shift = ((1.0 - abar).sqrt() * scale_like(self.scale, self._scale_cache, prediction) * grad).to(dtype)
         x_t = x.to(dtype)
         if self.prediction_type == PredictionType.EPS:
             guided = prediction - shift
@@ -118,7 +118,7 @@ class ClassifierGuidance:
             eps = eps - shift
             x0 = formulas.x0_from_eps(x_t, eps, abar)
             guided = x0 if self.prediction_type == PredictionType.X0 else formulas.v_target(x0, eps, abar)
-        guided = guided.detach()
+        guided = guided.to(dtype).detach()
         return guided if variance is None else torch.cat([guided, variance.detach()], dim=1)
 
 

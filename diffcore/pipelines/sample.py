@@ -2,12 +2,14 @@
 writes them as a PNG.
 
     import diffcore
-    images = diffcore.sample(model, n=16, diffusion=diffusion, seed=0)      # DDIM, 50 steps, eta = 0
+    images = diffcore.sample(model, n=16, diffusion=diffusion, seed=0)      # the model kind's default, 50 steps
+    images = diffcore.sample(model, n=16, diffusion=diffusion, sampler="dpm++2m", steps=20, seed=0)
     diffcore.save_image_grid(images, "samples.png")
 
-``fast=True`` is DDIM on the fused step (:func:`diffcore.samplers.ddim_sample`); ``fast=False`` is ancestral
-sampling over every timestep (:func:`diffcore.samplers.ddpm_sample`), or over a respaced process when ``steps`` is
-given. With ``model=None`` the packaged default model is loaded through ``diffcore.pretrained.load_default()``.
+``fast=True`` is 50 steps of the model kind's default sampler on the fused step ops (respaced ancestral,
+:func:`diffcore.samplers.ddpm_sample`, for a learned variance; DDIM, :func:`diffcore.samplers.ddim_sample`, for a
+fixed one); ``fast=False`` is ancestral sampling over every timestep; ``sampler=`` picks any of
+:data:`diffcore.samplers.SAMPLERS`. With ``model=None`` the packaged default model is loaded through ``diffcore.pretrained.load_default()``.
 """
 from __future__ import annotations
 
@@ -19,12 +21,12 @@ from ..diffusion import GaussianDiffusion, Model
 from ..ops import Impl
 from ..pretrained import load_default
 from ..respace import SkipType
-from ..samplers import ddim_sample, ddpm_sample
+from ..samplers import SAMPLER_INFO, SamplerChoice, Spacing, check_sampler, default_sampler, run_sampler
 from ..schedules import make_schedule
 from ..images import require_finite
-from ..runtime import (Precision, batch_slices, compile_model, default_batch_size, precision_context,
+from ..runtime import (DEFAULT_PRECISION, Precision, batch_slices, compile_model, default_batch_size, precision_context,
                        resolve_precision, slice_rows)
-from ..samplers.loop import draw_seed, initial_noise
+from ..samplers.loop import StepCallback, draw_seed, initial_noise
 from .common import eval_mode, model_device
 
 __all__ = ["sample", "DEFAULT_FAST_STEPS"]
@@ -49,31 +51,47 @@ def _infer_image_shape(model: Any) -> Optional[tuple[int, ...]]:
 
 @torch.no_grad()
 def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps: Optional[int] = None,
-           eta: float = 0.0, seed: Optional[int] = None, device: "torch.device | str | None" = None,
+           eta: Optional[float] = None, seed: Optional[int] = None, device: "torch.device | str | None" = None,
            diffusion: Optional[GaussianDiffusion] = None, image_shape: Optional[Sequence[int]] = None,
-           progress: bool = True, *, clip_denoised: bool = True, model_kwargs: Optional[dict] = None,
-           generator: Optional[torch.Generator] = None, skip_type: Optional[SkipType] = None,
-           impl: Impl = "auto", precision: Precision = "fp32", compile: bool = False,
+           progress: bool = True, *, sampler: Optional[SamplerChoice] = None, schedule: Optional[Spacing] = None,
+           callback: Optional[StepCallback] = None, clip_denoised: bool = False,
+           model_kwargs: Optional[dict] = None, generator: Optional[torch.Generator] = None,
+           skip_type: Optional[SkipType] = None,
+           impl: Impl = "auto", precision: Precision = DEFAULT_PRECISION, compile: bool = False,
            batch_size: Optional[int] = None) -> torch.Tensor:
     """Generate ``n`` images; returns float32 ``[n, C, H, W]`` in [-1, 1] on ``device``.
 
     Args:
         model: ``model(x [B, C, H, W], t int64 [B], **model_kwargs)``; None loads the packaged default model
             (with its diffusion and image shape). An ``nn.Module`` is put in eval mode for the call.
-        n: number of images. fast: DDIM (True) or ancestral DDPM (False).
-        steps: DDIM steps (default 50, at most T) for fast=True; for fast=False None means all T steps and a
-            number means a respaced process with that many steps.
-        eta: DDIM stochasticity >= 0 (fast=True only).
-        seed: Philox seed for x_T and all noise (drawn from ``generator`` when None); same seed, same images.
+        n: number of images. fast: few steps (50) with the fused step kernels, with the model kind's default
+            sampler (:func:`diffcore.samplers.default_sampler`: respaced ancestral for a learned variance, DDIM
+            for a fixed one); False: ancestral sampling over all T steps (unless ``steps``/``sampler`` say else).
+        sampler: one of :data:`diffcore.samplers.SAMPLERS` (``"ddim"``, ``"ancestral"``, ``"euler"``, ``"heun"``,
+            ``"dpm++2m"``, ``"dpm++2m-sde"``); None: as ``fast`` says. See :mod:`diffcore.samplers.registry`.
+        steps: steps of the sampler (default 50, at most T; ``"heun"`` costs 2 steps - 1 model calls); for
+            ancestral sampling with fast=False None means all T steps.
+        schedule: the spacing of the steps, ``"uniform" | "even" | "trailing" | "karras" | "quad" | "quad_full"``
+            (default: the sampler's; DDIM: ``"uniform"`` when steps divides T, else ``"even"``).
+            ``skip_type`` is its older name.
+        eta: stochasticity of ``"ddim"`` (default 0) and ``"dpm++2m-sde"`` (default 1); None for the others.
+        callback: ``callback(step, t, x, pred_x0)`` after each step; returning True stops early (the images are
+            then the clamped x at that step). See :data:`diffcore.samplers.loop.StepCallback`.
+        seed: Philox seed for x_T and all noise (an int; when None one is drawn from ``generator``, torch's
+            default CPU generator if that is None too: ``generator`` only ever supplies this one integer). Same
+            seed, same images, on any device up to rounding and whatever the batch size: image b depends only on
+            the seed and b.
         device: where to sample (default: the model's device).
         diffusion: the process the model was trained with (default: linear schedule, T = 1000, eps prediction,
             fixed_small variance).
         image_shape: ``(C, H, W)`` (default: ``model.image_shape`` or a U-Net's config).
-        progress: tqdm bar. clip_denoised: clamp x0_hat to [-1, 1] at each step. model_kwargs: e.g. ``{"y": labels}``.
-        skip_type: DDIM timestep spacing (default ``"uniform"`` when steps divides T, else ``"even"``).
+        progress: tqdm bar. clip_denoised: clamp x0_hat to [-1, 1] at each step (default False, as in every
+            sampler; the returned images are clamped to [-1, 1] either way). model_kwargs: e.g. ``{"y": labels}``.
         impl: ``"auto" | "fused" | "reference"`` for the step ops.
-        precision: ``"fp32" | "bf16" | "fp16" | "auto"``: the model runs under autocast to
-            :func:`diffcore.runtime.resolve_precision`'s dtype ("auto": bf16 on GPUs and AMX CPUs, else fp32).
+        precision: ``"fp32" | "bf16" | "fp16" | "auto"`` (default ``"auto"``): the model runs under autocast to
+            :func:`diffcore.runtime.resolve_precision`'s dtype ("auto": bf16 on GPUs, on CPUs with AMX and on AMD
+            CPUs with AVX512-BF16, else fp32; bf16's FID is within noise of fp32's, bench/RESULTS.md). Pass
+            ``"fp32"`` for images that are the same on every machine up to float rounding.
         compile: run the model through :func:`diffcore.runtime.compile_model` (graphs cached on disk, batch
             sizes bucketed; the first call per machine compiles for minutes on a CPU). Needs an ``nn.Module``.
         batch_size: images per model call (default :func:`diffcore.runtime.default_batch_size`: 64 on a CPU).
@@ -102,35 +120,37 @@ def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps:
     dtype = resolve_precision(precision, device)
     chunk = default_batch_size(n, device) if batch_size is None else batch_size
     batch_slices(n, chunk)  # checks batch_size
-    if chunk < n and (not fast or eta != 0.0):
+    if skip_type is not None and schedule is not None and skip_type != schedule:
+        raise ValueError(f"schedule: skip_type is its older name; give one of them, got schedule={schedule!r} and "
+                         f"skip_type={skip_type!r}")
+    schedule = schedule if schedule is not None else skip_type
+    T = diffusion.num_timesteps
+    if sampler is None:
+        sampler = default_sampler(diffusion) if fast else "ancestral"
+    sampler = check_sampler(sampler)
+    if steps is None and (fast or sampler != "ancestral"):
+        steps = min(DEFAULT_FAST_STEPS, T)
+    if schedule is None and sampler == "ddim":
+        schedule = "uniform" if isinstance(steps, int) and steps >= 1 and T % steps == 0 else "even"
+    stochastic = SAMPLER_INFO[sampler].stochastic or (eta is not None and eta != 0.0)
+    if chunk < n and stochastic:
         if batch_size is not None:
-            raise ValueError(f"batch_size: stochastic sampling (eta > 0 or fast=False) runs all n={n} images as "
-                             f"one batch (its per-step noise is indexed by batch position); got batch_size={chunk}")
+            raise ValueError(f"batch_size: stochastic sampling ({sampler!r}{', eta > 0' if eta else ''}) runs all "
+                             f"n={n} images as one batch (its per-step noise is indexed by batch position); got "
+                             f"batch_size={chunk}")
         chunk = n
     runner = compile_model(model) if compile else model
-    common = dict(clip_denoised=clip_denoised, seed=seed, generator=generator, progress=progress, device=device,
-                  impl=impl)
+    common = dict(steps=steps, schedule=schedule, eta=eta, clip_denoised=clip_denoised, seed=seed,
+                  generator=generator, callback=callback, progress=progress, device=device, impl=impl)
     with eval_mode(model), precision_context(dtype, device):
-        if fast:
-            T = diffusion.num_timesteps
-            count = min(DEFAULT_FAST_STEPS, T) if steps is None else steps
-            if skip_type is None:
-                skip_type = "uniform" if isinstance(count, int) and count >= 1 and T % count == 0 else "even"
-            if chunk < n:  # the same x_T for every split: drawn for all n, then run in slices of rows
-                common["seed"] = draw_seed(seed, generator)
-                x_T = initial_noise(shape, common["seed"], device=device)
-                return require_finite(torch.cat([
-                    ddim_sample(runner, diffusion, steps=count, skip_type=skip_type, eta=eta, x_T=x_T[rows],
-                                model_kwargs=slice_rows(model_kwargs, rows, n), **common).sample
-                    for rows in batch_slices(n, chunk)]), "sample").float().clamp(-1.0, 1.0)
-            result = ddim_sample(runner, diffusion, shape, steps=count, skip_type=skip_type, eta=eta,
-                                 model_kwargs=model_kwargs, **common)
-        else:
-            if eta != 0.0:
-                raise ValueError(f"eta: applies to fast=True (DDIM) only; ancestral sampling (fast=False) got "
-                                 f"eta={eta!r}")
-            result = ddpm_sample(runner, diffusion, shape, steps=steps, skip_type=skip_type or "even",
-                                 model_kwargs=model_kwargs, **common)
+        if chunk < n:  # deterministic: the same x_T for every split, drawn for all n, then run in slices of rows
+            common["seed"] = draw_seed(seed, generator)
+            x_T = initial_noise(shape, common["seed"], device=device)
+            return require_finite(torch.cat([
+                run_sampler(sampler, runner, diffusion, x_T=x_T[rows], model_kwargs=slice_rows(model_kwargs, rows, n),
+                            **common).sample
+                for rows in batch_slices(n, chunk)]), "sample").float().clamp(-1.0, 1.0)
+        result = run_sampler(sampler, runner, diffusion, shape, model_kwargs=model_kwargs, **common)
     return require_finite(result.sample, "sample").float().clamp(-1.0, 1.0)
 
 

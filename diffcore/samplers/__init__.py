@@ -1,10 +1,12 @@
 """Samplers: DDPM ancestral, DDIM (eta, any timestep subsequence, inversion), slerp interpolation, and the
-probability-flow ODE (Euler = DDIM eta 0, DPM-Solver++(2M)).
+probability-flow ODE (Euler = DDIM eta 0, Heun, DPM-Solver++(2M) and its SDE form); all of them by name with one
+set of arguments through :func:`run_sampler` (:mod:`diffcore.samplers.registry`), over the spacings of
+:mod:`diffcore.samplers.spacing` (uniform, even, trailing, karras, ...).
 
 Every sampler takes a model, a :class:`~diffcore.diffusion.GaussianDiffusion`, and either ``shape`` or ``x_T``;
 it returns a :class:`SampleResult`. Timesteps are per sample, the loop reads nothing back from the device, noise
 comes from Philox keyed by one seed (x_T at offset 0, step k at offset k + 1), a tqdm bar shows progress unless
-``progress=False``, and ``callback(k, x, pred_x0)`` (optional) sees every step.
+``progress=False``, and ``callback(step, t, x, pred_x0)`` (optional) sees every step and may stop the loop by returning True.
 
 The model calling convention (the same for DPS, :func:`diffcore.inverse.dps_sample`, and for training):
 
@@ -22,13 +24,18 @@ The model calling convention (the same for DPS, :func:`diffcore.inverse.dps_samp
 The reverse step shared by DDPM, DDIM and DPS, and the two clipping conventions (improved-diffusion's, the
 default, and diffusers' DDIMScheduler's), are in :mod:`diffcore.samplers.step`.
 """
-from .ddim import ddim_invert, ddim_sample, ddim_sequence
+from .ddim import ddim_invert, ddim_sample, ddim_sequence, inversion_timesteps
 from .ddpm import ddpm_sample
 from .interpolation import slerp, slerp_path
 from .loop import SampleResult, StepCallback, draw_seed, initial_noise
 from .ode import ODE_SOLVERS, OdeSolver, ode_sample, ode_sigmas
+from .registry import (SAMPLER_INFO, SAMPLERS, SamplerChoice, SamplerInfo, check_sampler, default_sampler, run_sampler,
+                       steps_for_evaluations)
+from .spacing import SPACINGS, Spacing, karras_timesteps, sampling_timesteps, trailing_timesteps
 from .step import SAMPLER_NAMES, ReverseStep, SamplerName, reverse_step
 
 __all__ = ["SampleResult", "StepCallback", "draw_seed", "initial_noise", "ddpm_sample", "ddim_sample", "ddim_invert",
            "ddim_sequence", "slerp", "slerp_path", "ode_sample", "ode_sigmas", "OdeSolver", "ODE_SOLVERS",
-           "SamplerName", "SAMPLER_NAMES", "ReverseStep", "reverse_step"]
+           "SamplerName", "SAMPLER_NAMES", "ReverseStep", "reverse_step", "inversion_timesteps", "SamplerChoice",
+           "SAMPLERS", "SamplerInfo", "SAMPLER_INFO", "run_sampler", "default_sampler", "check_sampler", "steps_for_evaluations", "Spacing", "SPACINGS",
+           "sampling_timesteps", "karras_timesteps", "trailing_timesteps"]

@@ -7,7 +7,8 @@ import torch
 
 from ..diffusion import GaussianDiffusion, Model
 from ..ops import Impl
-from ..respace import SkipType, StepsSpec
+from ..respace import StepsSpec
+from .spacing import Spacing, sampling_timesteps
 from .loop import Intermediates, SampleResult, StepCallback, prepare, steps_progress, timestep_rows
 from .step import reverse_step
 
@@ -16,7 +17,7 @@ __all__ = ["ddpm_sample"]
 
 @torch.no_grad()
 def ddpm_sample(model: Model, diffusion: GaussianDiffusion, shape: Optional[Sequence[int]] = None, *,
-                x_T: Optional[torch.Tensor] = None, steps: Optional[StepsSpec] = None, skip_type: SkipType = "even",
+                x_T: Optional[torch.Tensor] = None, steps: Optional[StepsSpec] = None, skip_type: Spacing = "even",
                 clip_denoised: bool = False, model_kwargs: Optional[dict] = None, seed: Optional[int] = None,
                 generator: Optional[torch.Generator] = None, progress: bool = True,
                 return_intermediates: bool = False, callback: Optional[StepCallback] = None,
@@ -36,21 +37,23 @@ def ddpm_sample(model: Model, diffusion: GaussianDiffusion, shape: Optional[Sequ
         clip_denoised: clamp x0_hat to [-1, 1] (images).
         seed / generator: the Philox seed of x_T and of the per-step noise (drawn from ``generator`` if None).
         progress: show a tqdm bar. return_intermediates: keep x_t and pred_x0 of every step.
-        callback: ``callback(k, x, pred_x0)`` after each step.
+        callback: ``callback(step, t, x, pred_x0)`` after each step; returning True stops the loop.
         impl: ``"auto" | "fused" | "reference"`` for :func:`diffcore.ops.ddpm_step`.
     Returns: a :class:`SampleResult`; ``sample`` is ``[B, C, ...]`` in x_T's dtype.
     """
     if steps is not None:
-        diffusion = diffusion.respaced(steps, skip_type)
+        diffusion = diffusion.respaced(sampling_timesteps(diffusion.alphas_cumprod, steps, skip_type))
     diffusion, x, seed = prepare(diffusion, shape, x_T, dtype=dtype, device=device, seed=seed,
                                  generator=generator, needs_noise=True)
     step = reverse_step(diffusion, "ddpm", clip_denoised=clip_denoised, seed=seed, impl=impl)
     T = diffusion.num_timesteps
     indices = list(range(T - 1, -1, -1))
     rows = timestep_rows(indices, x.shape[0], x.device)
-    record = Intermediates(return_intermediates, callback)
+    model_ts = [diffusion.original_timesteps[i] for i in indices]
+    record = Intermediates(return_intermediates, callback, model_ts)
     for k in steps_progress(T, progress, "DDPM"):
         out = diffusion.call_model(model, x, rows[k], model_kwargs)
         x, pred_x0 = step(x, out, rows[k], None, k)
-        record.add(x, pred_x0)
-    return record.result(x, (diffusion.original_timesteps[i] for i in indices), seed)
+        if record.add(x, pred_x0):
+            break
+    return record.result(x, model_ts, seed)

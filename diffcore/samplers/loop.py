@@ -21,9 +21,12 @@ from ..reference.philox import philox_normal_like
 __all__ = ["SampleResult", "StepCallback", "draw_seed", "initial_noise", "prepare", "timestep_rows", "Intermediates",
            "steps_progress"]
 
-#: ``callback(k, x, pred_x0)``, called after step k (0-based, in visiting order) with the new state and the
-#: model's x0 estimate at that step, both ``[B, ...]`` (on the device, not copied: clone what you keep).
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+#: ``callback(step, t, x, pred_x0)``, called after each step: ``step`` 0-based in visiting order, ``t`` the original
+#: (model) timestep the step started from (an int), ``x`` the new state and ``pred_x0`` the model's x0 estimate at
+#: that step, both ``[B, ...]`` (on the device, not copied: clone what you keep). Returning ``True`` stops the
+#: loop after this step (the result then holds this x and the timesteps visited so far); any other return value
+#: (None) continues. (DPS and the inpainting baseline still call the older ``callback(k, x, pred_x0)``.)
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], Optional[bool]]
 
 
 @dataclass(frozen=True)
@@ -101,30 +104,45 @@ def timestep_rows(values: Sequence[int], batch: int, device) -> torch.Tensor:
 
 
 class Intermediates:
-    """The per-step record of a loop: collects (x_t, pred_x0) per step when enabled and calls ``callback``."""
+    """The per-step record of a loop: calls ``callback`` after each step and, when enabled, keeps (x_t, pred_x0)
+    of every step; ``return_intermediates`` is this record with a callback that keeps everything.
 
-    def __init__(self, enabled: bool, callback: Optional[StepCallback] = None):
+    ``timesteps``: the original timesteps in visiting order; with them the callback is ``callback(step, t, x,
+    pred_x0)`` (:data:`StepCallback`), without them (DPS, the inpainting baseline) ``callback(k, x, pred_x0)``.
+    """
+
+    def __init__(self, enabled: bool, callback: Optional[Callable[..., Optional[bool]]] = None,
+                 timesteps: Optional[Sequence[int]] = None):
         if callback is not None and not callable(callback):
-            raise TypeError(f"callback: expected a callable callback(k, x, pred_x0) or None, got "
+            raise TypeError(f"callback: expected a callable callback(step, t, x, pred_x0) or None, got "
                             f"{type(callback).__name__}")
         self.enabled = enabled
         self.callback = callback
+        self.timesteps = None if timesteps is None else tuple(int(t) for t in timesteps)
         self.steps = 0  #: steps recorded so far
         self.x_t: list[torch.Tensor] = []
         self.pred_x0: list[torch.Tensor] = []
 
-    def add(self, x_t: torch.Tensor, pred_x0: torch.Tensor) -> None:
+    def add(self, x_t: torch.Tensor, pred_x0: torch.Tensor) -> bool:
+        """Record one step; True when the callback asked to stop."""
         if self.enabled:
             self.x_t.append(x_t)
             self.pred_x0.append(pred_x0)
+        stop = False
         if self.callback is not None:
-            self.callback(self.steps, x_t, pred_x0)
+            if self.timesteps is None:
+                self.callback(self.steps, x_t, pred_x0)
+            else:
+                stop = self.callback(self.steps, self.timesteps[self.steps], x_t, pred_x0) is True
         self.steps += 1
+        return stop
 
     def result(self, sample: torch.Tensor, timesteps: Iterable[int], seed: Optional[int]) -> SampleResult:
+        """The :class:`SampleResult` of the steps taken (``timesteps`` cut to them when the loop stopped early)."""
+        visited = tuple(timesteps)[:self.steps]
         if not self.enabled:
-            return SampleResult(sample, tuple(timesteps), seed)
-        return SampleResult(sample, tuple(timesteps), seed, tuple(self.x_t), tuple(self.pred_x0))
+            return SampleResult(sample, visited, seed)
+        return SampleResult(sample, visited, seed, tuple(self.x_t), tuple(self.pred_x0))
 
 
 def steps_progress(num_steps: int, progress: bool, desc: str) -> Iterator[int]:

@@ -195,7 +195,7 @@ class ExternalLoggers:
         config: the run's configuration (a dict), given to W&B.
         start_step: the step a resumed run continues from: TensorBoard events of later steps (written by the
             interrupted run, which the resumed one redoes) are discarded (``SummaryWriter``'s ``purge_step``).
-    A requested logger that is not installed is an ImportError saying how to install it or turn it off.
+    A requested logger that is not installed is a RuntimeError saying how to install it or turn it off.
     """
 
     def __init__(self, out_dir: "str | os.PathLike", *, tensorboard: bool = False,
@@ -205,15 +205,16 @@ class ExternalLoggers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ImportError("tensorboard: the tensorboard package is not installed; `pip install tensorboard`, "
-                                  "or train without --tensorboard (log.jsonl and loss.png are always written)") from None
+                raise RuntimeError("tensorboard: the tensorboard package is not installed; `pip install tensorboard`, "
+                                  "or train without --tensorboard (log.jsonl and loss.png are always "
+                                  "written)") from None
             self.tensorboard = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"),
                                              purge_step=start_step if start_step > 0 else None)
         if wandb_project:
             try:
                 import wandb
             except ImportError:
-                raise ImportError("wandb_project: the wandb package is not installed; `pip install wandb`, or train "
+                raise RuntimeError("wandb_project: the wandb package is not installed; `pip install wandb`, or train "
                                   "without --wandb-project (log.jsonl and loss.png are always written)") from None
             self.wandb = wandb.init(project=wandb_project, config=config, dir=str(out_dir))
 

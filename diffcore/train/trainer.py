@@ -12,8 +12,10 @@ the last finite one, and resuming from it is exact.
 Reproducibility: the randomness of a step comes from generators that checkpoints save (the data order, a CPU
 generator for timesteps and class dropout, a generator on the device for the noise, and the global RNGs for
 dropout), so N steps, a checkpoint, and M more steps give the same weights as N + M steps straight (bit for
-bit on the CPU). Every rank draws the timesteps and noise of the whole global batch and keeps its share, so a
-DDP run matches one process trained on the combined batch (to float rounding; dropout masks aside).
+bit on the CPU), whether the data is in memory or streamed through DataLoader workers (whose number may change
+between the two runs: they only decode, in the order :class:`~diffcore.data.ShardedBatches` decides). Every rank
+draws the timesteps and noise of the whole global batch and keeps its share, so a DDP run matches one process
+trained on the combined batch (to float rounding; dropout masks aside).
 """
 from __future__ import annotations
 
