@@ -26,8 +26,10 @@ namespace diffcore {
 
 // ---- math overloads usable on host and device ----
 // exp in float by Cody-Waite range reduction and Cephes' degree-6 polynomial (about 1 ulp), written with plain
-// arithmetic so that CPU loops using it vectorize; NaN propagates, the result saturates below e^-87.3 and
-// above e^88.3.
+// arithmetic so that CPU loops using it vectorize. Like torch.exp: NaN propagates, exp(x) = inf above
+// ln(FLT_MAX) = 88.72, denormals below e^-87.3 and 0 below e^-103.97 (exp(-inf) = 0). 2^n is applied as two
+// factors 2^(n/2) 2^(n - n/2), each a normal float for n in [-150, 128], so the scaling is exact (one rounding
+// where the result is denormal).
 DC_HD float dc_int_as_float(int32_t i) {
 #if defined(__CUDA_ARCH__)
   return __int_as_float(i);
@@ -39,7 +41,7 @@ DC_HD float dc_int_as_float(int32_t i) {
 }
 
 DC_HD float dc_exp(float x) {
-  const float xc = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  const float xc = x < -103.972084f ? -103.972084f : (x > 88.7228394f ? 88.7228394f : x);
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
   const float n = (xc * 1.44269504088896341f + magic) - magic;
   const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
@@ -50,7 +52,10 @@ DC_HD float dc_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const float result = p * dc_int_as_float(((int32_t)n + 127) << 23);
+  const int32_t ni = (int32_t)n, n1 = ni / 2, n2 = ni - n1;
+  float result = (p * dc_int_as_float((n1 + 127) << 23)) * dc_int_as_float((n2 + 127) << 23);
+  result = x < -103.972084f ? 0.0f : result;
+  result = x > 88.7228394f ? INFINITY : result;
   return x != x ? x : result;
 }
 DC_HD double dc_exp(double x) { return exp(x); }
@@ -98,8 +103,11 @@ DC_HD float dc_sqrt(float x) { return sqrtf(x); }
 DC_HD double dc_sqrt(double x) { return sqrt(x); }
 DC_HD float dc_tanh(float x) { return tanhf(x); }
 DC_HD double dc_tanh(double x) { return tanh(x); }
-template <typename T> DC_HD T dc_max(T a, T b) { return a > b ? a : b; }
-template <typename T> DC_HD T dc_min(T a, T b) { return a < b ? a : b; }
+// max / min / clamp with torch's NaN semantics (torch.maximum, torch.minimum, torch.clamp): a NaN operand gives
+// NaN. A comparison with NaN is false, so the NaN is selected explicitly (x != x); still branch-free selects.
+template <typename T> DC_HD bool dc_isnan(T x) { return x != x; }
+template <typename T> DC_HD T dc_max(T a, T b) { return (a > b || dc_isnan(a)) ? a : b; }
+template <typename T> DC_HD T dc_min(T a, T b) { return (a < b || dc_isnan(a)) ? a : b; }
 template <typename T> DC_HD T dc_clamp(T x, T lo, T hi) { return dc_min(dc_max(x, lo), hi); }
 
 constexpr double kLn2 = 0.69314718055994530942;
@@ -209,6 +217,14 @@ DC_HD DdimCoeffs<acc_t> make_ddim_coeffs(const double* abar, int64_t t, int64_t 
   return c;
 }
 
+// Whether a sample of a DDIM step reads noise. The reference adds sigma z to every sample when eta != 0, so a given
+// noise tensor is read then even where sigma is 0 (0 * NaN = NaN, as in torch); Philox noise is always finite, so
+// it is drawn only where sigma != 0 (NaN included). Where no noise is read, z = 0.
+template <typename acc_t>
+DC_HD bool ddim_takes_noise(bool noise_given, double eta, acc_t sigma) {
+  return noise_given ? eta != 0.0 : sigma != (acc_t)0;
+}
+
 // x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z. Returns x_s; writes x0_hat.
 template <typename acc_t>
 DC_HD acc_t ddim_value(int prediction_type, bool clip, const DdimCoeffs<acc_t>& c, acc_t x, acc_t pred, acc_t z,
@@ -260,11 +276,17 @@ DC_HD acc_t model_log_variance(int variance_type, const PosteriorCoeffs<acc_t>& 
   return c.fixed_log_var;
 }
 
-// d(model log variance)/dv for the learned types.
+// The gradient with respect to v of the model log variance, given the gradient g with respect to the log variance,
+// in the order torch's autograd computes it for the reference (frac max + (1 - frac) min: g max - g min, then
+// d frac / dv = 1/2), so that an infinite g gives NaN (inf - inf) where the reference does.
 template <typename acc_t>
-DC_HD acc_t model_log_variance_grad(int variance_type, const PosteriorCoeffs<acc_t>& c) {
-  return variance_type == kLearnedRange ? (c.max_log - c.post_log_var) / (acc_t)2 : (acc_t)1;
+DC_HD acc_t model_log_variance_backward(int variance_type, const PosteriorCoeffs<acc_t>& c, acc_t g) {
+  return variance_type == kLearnedRange ? (g * c.max_log - g * c.post_log_var) / (acc_t)2 : g;
 }
+
+// Whether a sample of a DDPM step reads noise: the reference computes [t > 0] sigma z for every sample, so a given
+// noise tensor is always read (a non-finite z at t = 0 gives NaN, as in torch); Philox noise only where t > 0.
+DC_HD bool ddpm_takes_noise(bool noise_given, bool nonzero_t) { return noise_given || nonzero_t; }
 
 // One ancestral step: x_{t-1} = mu~(x0_hat, x_t) + [t > 0] exp(0.5 log sigma^2) z. Returns x_{t-1}; writes x0_hat.
 template <typename acc_t>
@@ -306,11 +328,23 @@ template <typename acc_t>
 DC_HD acc_t approx_pdf(acc_t u) {
   const acc_t k = (acc_t)0.7978845608028654;
   const acc_t th = dc_tanh(k * (u + (acc_t)0.044715 * u * u * u));
-  return (acc_t)0.5 * ((acc_t)1 - th * th) * k * ((acc_t)1 + (acc_t)(3 * 0.044715) * u * u);
+  // In the order of the reference's backward (tanh, then k, then u + 0.044715 u.pow(3) whose derivative is
+  // 3 u^2): 3 u^2 overflows to inf where it does there, and a saturated tanh (1 - th^2 = 0) times inf is NaN in both.
+  const acc_t g = (acc_t)0.5 * ((acc_t)1 - th * th) * k;
+  return g + (g * (acc_t)0.044715) * ((acc_t)3 * (u * u));
+}
+
+// d log(clamp(v, min = tiny)) / dv as torch's autograd computes it: 1 / v where v >= tiny, else 0 (clamp's backward
+// masks the gradient, also at NaN). Callers multiply it by the inner derivative, so a NaN there still gives NaN,
+// as in the chain rule of the reference.
+template <typename acc_t>
+DC_HD acc_t log_clamped_grad(acc_t v, acc_t tiny) {
+  return v >= tiny ? (acc_t)1 / v : (acc_t)0;
 }
 
 // log p(x) of x in [-1, 1] under N(mean, e^{2 log_scale}) discretized into 256 bins of width 2/255 (edge bins
-// open), logs clamped at 1e-12; and d log p / d log_scale (mean held fixed).
+// open), logs clamped at 1e-12 (NaN propagates through the clamp, as torch.clamp does); and d log p / d log_scale
+// (mean held fixed). A NaN x takes the inner-bin formula, like the reference's torch.where.
 template <typename acc_t>
 DC_HD acc_t discretized_log_likelihood(acc_t x, acc_t mean, acc_t log_scale, acc_t* grad_log_scale) {
   const acc_t centered = x - mean;
@@ -322,18 +356,18 @@ DC_HD acc_t discretized_log_likelihood(acc_t x, acc_t mean, acc_t log_scale, acc
   // d plus_in / d log_scale = -plus_in (likewise for min_in)
   if (x < (acc_t)-0.999) {
     const acc_t cdf_plus = approx_cdf(plus_in);
-    if (grad_log_scale) *grad_log_scale = cdf_plus >= tiny ? -approx_pdf(plus_in) * plus_in / cdf_plus : (acc_t)0;
+    if (grad_log_scale) *grad_log_scale = log_clamped_grad(cdf_plus, tiny) * (-approx_pdf(plus_in) * plus_in);
     return dc_log(dc_max(cdf_plus, tiny));
   }
   if (x > (acc_t)0.999) {
     const acc_t one_minus = (acc_t)1 - approx_cdf(min_in);
-    if (grad_log_scale) *grad_log_scale = one_minus >= tiny ? approx_pdf(min_in) * min_in / one_minus : (acc_t)0;
+    if (grad_log_scale) *grad_log_scale = log_clamped_grad(one_minus, tiny) * (approx_pdf(min_in) * min_in);
     return dc_log(dc_max(one_minus, tiny));
   }
   const acc_t delta = approx_cdf(plus_in) - approx_cdf(min_in);
   if (grad_log_scale) {
     *grad_log_scale =
-        delta >= tiny ? (approx_pdf(min_in) * min_in - approx_pdf(plus_in) * plus_in) / delta : (acc_t)0;
+        log_clamped_grad(delta, tiny) * (approx_pdf(min_in) * min_in - approx_pdf(plus_in) * plus_in);
   }
   return dc_log(dc_max(delta, tiny));
 }
@@ -371,7 +405,7 @@ DC_HD HybridTerms<acc_t> hybrid_terms(int prediction_type, int variance_type, co
                                             want_grad ? &d_ll_d_scale : (acc_t*)0) * inv_ln2;
     d_vb_d_lv = -(acc_t)0.5 * d_ll_d_scale * inv_ln2;
   }
-  r.d_vb_d_v = d_vb_d_lv * model_log_variance_grad(variance_type, c);
+  r.d_vb_d_v = model_log_variance_backward(variance_type, c, d_vb_d_lv);
   return r;
 }
 

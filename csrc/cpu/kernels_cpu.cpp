@@ -141,7 +141,7 @@ void ddim_step(const DdimStepArgs& a) {
           scalar_t* __restrict__ x_prev = row<scalar_t>(a.x_prev, b);
           scalar_t* __restrict__ pred_x0 = row<scalar_t>(a.pred_x0, b);
           acc_t z[kChunk];
-          const bool noisy = c.sigma != (acc_t)0;
+          const bool noisy = ddim_takes_noise(a.noise.given.data != nullptr, a.eta, c.sigma);
           if (!noisy) std::fill(z, z + kChunk, (acc_t)0);
           for (int64_t k0 = j0; k0 < j1; k0 += kChunk) {
             const int64_t k1 = std::min(k0 + kChunk, j1);
@@ -177,10 +177,11 @@ void ddpm_step(const DdpmStepArgs& a) {
             scalar_t* __restrict__ x_prev = row<scalar_t>(a.x_prev, b);
             scalar_t* __restrict__ pred_x0 = row<scalar_t>(a.pred_x0, b);
             acc_t z[kChunk];
-            if (!c.nonzero_t) std::fill(z, z + kChunk, (acc_t)0);
+            const bool noisy = ddpm_takes_noise(a.noise.given.data != nullptr, c.nonzero_t);
+            if (!noisy) std::fill(z, z + kChunk, (acc_t)0);
             for (int64_t k0 = j0; k0 < j1; k0 += kChunk) {
               const int64_t k1 = std::min(k0 + kChunk, j1);
-              if (c.nonzero_t) load_noise<scalar_t, acc_t>(a.noise, b, k0, k1, z);
+              if (noisy) load_noise<scalar_t, acc_t>(a.noise, b, k0, k1, z);
               for (int64_t j = k0; j < k1; ++j) {
                 const acc_t v = static_cast<acc_t>(var[j]);
                 acc_t x0;

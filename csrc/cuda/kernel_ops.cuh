@@ -251,7 +251,8 @@ struct DdimOp {
   template <bool VEC>
   DCK_HD void apply(const Coeffs& c, int64_t b, int64_t j0, const Input& in, Sums&) const {
     acc_t z[kVec];
-    noise_values<VEC>(a.noise, c.sigma != (acc_t)0, b, j0, a.inner, in.noise, z);
+    noise_values<VEC>(a.noise, ddim_takes_noise(a.noise.given.data != nullptr, a.eta, c.sigma), b, j0, a.inner,
+                      in.noise, z);
     Pack<scalar_t> out, out_x0;
     DCK_UNROLL
     for (int k = 0; k < kVec; ++k) {
@@ -302,7 +303,8 @@ struct DdpmOp {
   template <bool VEC>
   DCK_HD void apply(const Coeffs& c, int64_t b, int64_t j0, const Input& in, Sums&) const {
     acc_t z[kVec];
-    noise_values<VEC>(a.noise, c.nonzero_t, b, j0, a.inner, in.noise, z);
+    noise_values<VEC>(a.noise, ddpm_takes_noise(a.noise.given.data != nullptr, c.nonzero_t), b, j0, a.inner,
+                      in.noise, z);
     Pack<scalar_t> out, out_x0;
     DCK_UNROLL
     for (int k = 0; k < kVec; ++k) {
