@@ -2,6 +2,8 @@
 // registrations of ops.cpp (and cuda/ops_cuda.cpp in CUDA builds), which live in the same shared library.
 #include <torch/extension.h>
 
+#include "op_list.h"
+
 #ifndef DIFFCORE_VERSION
 #define DIFFCORE_VERSION "unknown"
 #endif
@@ -41,7 +43,9 @@ pybind11::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
-  info["ops"] = std::vector<std::string>{"q_sample", "ddim_step", "ddpm_step", "hybrid_loss", "hybrid_loss_backward"};
+#define DIFFCORE_OP_NAME(name, schema) #name,
+  info["ops"] = std::vector<std::string>{DIFFCORE_FOR_EACH_OP(DIFFCORE_OP_NAME)};
+#undef DIFFCORE_OP_NAME
   return info;
 }
 

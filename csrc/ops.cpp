@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cpu/kernels_cpu.h"
+#include "op_list.h"
 
 namespace diffcore {
 namespace {
@@ -354,19 +355,9 @@ at::Tensor hybrid_loss_backward_impl(const Backend& backend, const at::Tensor& g
 // ---- schemas (one block) and the CPU registration ----
 
 TORCH_LIBRARY(diffcore, m) {
-  m.def("q_sample(Tensor x0, Tensor noise, Tensor t, Tensor alphas_cumprod) -> Tensor");
-  m.def(
-      "ddim_step(Tensor x, Tensor model_output, Tensor t, Tensor t_prev, Tensor alphas_cumprod, float eta, "
-      "int prediction_type, bool clip_denoised, Tensor? noise, int seed, int offset) -> (Tensor, Tensor)");
-  m.def(
-      "ddpm_step(Tensor x, Tensor model_output, Tensor t, Tensor alphas_cumprod, int prediction_type, "
-      "int variance_type, bool clip_denoised, Tensor? noise, int seed, int offset) -> (Tensor, Tensor)");
-  m.def(
-      "hybrid_loss(Tensor model_output, Tensor x0, Tensor x_t, Tensor noise, Tensor t, Tensor alphas_cumprod, "
-      "int prediction_type, int variance_type) -> (Tensor, Tensor)");
-  m.def(
-      "hybrid_loss_backward(Tensor grad_mse, Tensor grad_vb, Tensor model_output, Tensor x0, Tensor x_t, "
-      "Tensor noise, Tensor t, Tensor alphas_cumprod, int prediction_type, int variance_type) -> Tensor");
+#define DIFFCORE_DEF_OP(name, schema) m.def(#name schema);
+  DIFFCORE_FOR_EACH_OP(DIFFCORE_DEF_OP)
+#undef DIFFCORE_DEF_OP
 }
 
 namespace {

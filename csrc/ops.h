@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "kernel_args.h"
+#include "op_list.h"
 
 namespace diffcore {
 
@@ -103,13 +104,12 @@ struct BackendOps {
   }
 };
 
+// Registers every op of op_list.h for one backend.
 template <typename Traits>
 void register_backend_ops(torch::Library& m) {
-  m.impl("q_sample", &BackendOps<Traits>::q_sample);
-  m.impl("ddim_step", &BackendOps<Traits>::ddim_step);
-  m.impl("ddpm_step", &BackendOps<Traits>::ddpm_step);
-  m.impl("hybrid_loss", &BackendOps<Traits>::hybrid_loss);
-  m.impl("hybrid_loss_backward", &BackendOps<Traits>::hybrid_loss_backward);
+#define DIFFCORE_IMPL_OP(name, schema) m.impl(#name, &BackendOps<Traits>::name);
+  DIFFCORE_FOR_EACH_OP(DIFFCORE_IMPL_OP)
+#undef DIFFCORE_IMPL_OP
 }
 
 }  // namespace diffcore

@@ -5,12 +5,14 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 #include <type_traits>
 
 #include "diffcore_math.h"
+#include "dispatch.h"
 
 namespace diffcore {
 namespace cpu {
@@ -19,49 +21,15 @@ namespace {
 constexpr int64_t kGrain = 16384;  // elements per parallel task
 constexpr int64_t kChunk = 256;    // elements per noise buffer
 
-template <typename T>
-struct Tag {
-  using type = T;
+struct CpuTypes {
+  using half = c10::Half;
+  using bfloat16 = c10::BFloat16;
 };
 
-// Calls f(Tag<scalar_t>, Tag<acc_t>) for the dtype.
-template <typename F>
-void dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(Tag<float>{}, Tag<float>{});
-    case DType::kFloat64: return f(Tag<double>{}, Tag<double>{});
-    case DType::kFloat16: return f(Tag<c10::Half>{}, Tag<float>{});
-    case DType::kBFloat16: return f(Tag<c10::BFloat16>{}, Tag<float>{});
-  }
-}
-
-template <int V>
-using Int = std::integral_constant<int, V>;
-
-// Calls f(Int<prediction_type>) so that the per-element switch folds away.
-template <typename F>
-void dispatch_prediction(int prediction_type, F&& f) {
-  switch (prediction_type) {
-    case kPredEps: return f(Int<kPredEps>{});
-    case kPredX0: return f(Int<kPredX0>{});
-    default: return f(Int<kPredV>{});
-  }
-}
-
-template <typename F>
-void dispatch_variance(int variance_type, F&& f) {
-  switch (variance_type) {
-    case kFixedSmall: return f(Int<kFixedSmall>{});
-    case kFixedLarge: return f(Int<kFixedLarge>{});
-    case kLearnedRange: return f(Int<kLearnedRange>{});
-    default: return f(Int<kLearned>{});
-  }
-}
-
-template <typename F>
-void dispatch_bool(bool value, F&& f) {
-  if (value) return f(std::true_type{});
-  return f(std::false_type{});
+// A dispatcher's result: false when a switch had a value outside its enum (ops.cpp rejects those first).
+void check_dispatched(bool dispatched, const char* op) {
+  TORCH_CHECK(dispatched, "diffcore::", op, ": a dtype, prediction_type or variance_type value the CPU kernels do "
+              "not know reached them");
 }
 
 // Runs body(b, j_begin, j_end) over every contiguous segment of B rows of `inner` elements, in parallel.
@@ -79,16 +47,6 @@ void for_each_segment(int64_t batch, int64_t inner, F&& body) {
       j = 0;
     }
   });
-}
-
-template <typename scalar_t>
-const scalar_t* row(const Rows& r, int64_t b) {
-  return static_cast<const scalar_t*>(r.data) + b * r.batch_stride;
-}
-
-template <typename scalar_t>
-scalar_t* row(const OutRows& r, int64_t b) {
-  return static_cast<scalar_t*>(r.data) + b * r.batch_stride;
 }
 
 // Noise of row b, elements [j0, j1) (j1 - j0 <= kChunk), into z: the given tensor, or Philox normals.
@@ -112,9 +70,9 @@ void load_noise(const Noise& noise, int64_t b, int64_t j0, int64_t j1, acc_t* z)
 }  // namespace
 
 void q_sample(const QSampleArgs& a) {
-  dispatch_dtype(a.dtype, [&](auto scalar_tag, auto acc_tag) {
+  check_dispatched(dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
     using scalar_t = typename decltype(scalar_tag)::type;
-    using acc_t = typename decltype(acc_tag)::type;
+    using acc_t = acc_type<scalar_t>;
     for_each_segment(a.batch, a.inner, [&](int64_t b, int64_t j0, int64_t j1) {
       const PredictCoeffs<acc_t> c = make_predict_coeffs<acc_t>(a.alphas_cumprod[a.t[b]]);
       const scalar_t* __restrict__ x0 = row<scalar_t>(a.x0, b);
@@ -125,15 +83,16 @@ void q_sample(const QSampleArgs& a) {
             q_sample_value(c, static_cast<acc_t>(x0[j]), static_cast<acc_t>(noise[j])));
       }
     });
-  });
+    return true;
+  }), "q_sample");
 }
 
 void ddim_step(const DdimStepArgs& a) {
-  dispatch_dtype(a.dtype, [&](auto scalar_tag, auto acc_tag) {
+  check_dispatched(dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
     using scalar_t = typename decltype(scalar_tag)::type;
-    using acc_t = typename decltype(acc_tag)::type;
-    dispatch_prediction(a.prediction_type, [&](auto P) {
-      dispatch_bool(a.clip_denoised, [&](auto CLIP) {
+    using acc_t = acc_type<scalar_t>;
+    return dispatch_prediction(a.prediction_type, [&](auto P) {
+      return dispatch_bool(a.clip_denoised, [&](auto CLIP) {
         for_each_segment(a.batch, a.inner, [&](int64_t b, int64_t j0, int64_t j1) {
           const DdimCoeffs<acc_t> c = make_ddim_coeffs<acc_t>(a.alphas_cumprod, a.t[b], a.t_prev[b], a.eta);
           const scalar_t* __restrict__ x = row<scalar_t>(a.x, b);
@@ -141,7 +100,7 @@ void ddim_step(const DdimStepArgs& a) {
           scalar_t* __restrict__ x_prev = row<scalar_t>(a.x_prev, b);
           scalar_t* __restrict__ pred_x0 = row<scalar_t>(a.pred_x0, b);
           acc_t z[kChunk];
-          const bool noisy = c.sigma != (acc_t)0;
+          const bool noisy = ddim_takes_noise(a.noise.given.data != nullptr, a.eta, c.sigma);
           if (!noisy) std::fill(z, z + kChunk, (acc_t)0);
           for (int64_t k0 = j0; k0 < j1; k0 += kChunk) {
             const int64_t k1 = std::min(k0 + kChunk, j1);
@@ -155,18 +114,19 @@ void ddim_step(const DdimStepArgs& a) {
             }
           }
         });
+        return true;
       });
     });
-  });
+  }), "ddim_step");
 }
 
 void ddpm_step(const DdpmStepArgs& a) {
-  dispatch_dtype(a.dtype, [&](auto scalar_tag, auto acc_tag) {
+  check_dispatched(dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
     using scalar_t = typename decltype(scalar_tag)::type;
-    using acc_t = typename decltype(acc_tag)::type;
-    dispatch_prediction(a.prediction_type, [&](auto P) {
-      dispatch_variance(a.variance_type, [&](auto VT) {
-        dispatch_bool(a.clip_denoised, [&](auto CLIP) {
+    using acc_t = acc_type<scalar_t>;
+    return dispatch_prediction(a.prediction_type, [&](auto P) {
+      return dispatch_variance(a.variance_type, [&](auto VT) {
+        return dispatch_bool(a.clip_denoised, [&](auto CLIP) {
           for_each_segment(a.batch, a.inner, [&](int64_t b, int64_t j0, int64_t j1) {
             const PosteriorCoeffs<acc_t> c = make_posterior_coeffs<acc_t>(a.alphas_cumprod, a.t[b], VT());
             const scalar_t* __restrict__ x = row<scalar_t>(a.x, b);
@@ -177,10 +137,11 @@ void ddpm_step(const DdpmStepArgs& a) {
             scalar_t* __restrict__ x_prev = row<scalar_t>(a.x_prev, b);
             scalar_t* __restrict__ pred_x0 = row<scalar_t>(a.pred_x0, b);
             acc_t z[kChunk];
-            if (!c.nonzero_t) std::fill(z, z + kChunk, (acc_t)0);
+            const bool noisy = ddpm_takes_noise(a.noise.given.data != nullptr, c.nonzero_t);
+            if (!noisy) std::fill(z, z + kChunk, (acc_t)0);
             for (int64_t k0 = j0; k0 < j1; k0 += kChunk) {
               const int64_t k1 = std::min(k0 + kChunk, j1);
-              if (c.nonzero_t) load_noise<scalar_t, acc_t>(a.noise, b, k0, k1, z);
+              if (noisy) load_noise<scalar_t, acc_t>(a.noise, b, k0, k1, z);
               for (int64_t j = k0; j < k1; ++j) {
                 const acc_t v = static_cast<acc_t>(var[j]);
                 acc_t x0;
@@ -191,21 +152,23 @@ void ddpm_step(const DdpmStepArgs& a) {
               }
             }
           });
+          return true;
         });
       });
     });
-  });
+  }), "ddpm_step");
 }
 
 namespace {
 
 // Runs body(b, terms_at) for every sample in parallel (one sample per task: the reductions are per sample and
 // deterministic); terms_at(j) gives the hybrid-loss terms of element j. The t = 0 (decoder) / t > 0 (KL) choice is
-// turned into a constant per sample so that the element loops have no branch and vectorize.
+// turned into a constant per sample so that the element loops have no branch and vectorize. False when a switch
+// has a value outside its enum.
 template <typename scalar_t, typename acc_t, typename F>
-void for_each_hybrid_sample(const HybridLossArgs& a, bool want_grad, F&& body) {
-  dispatch_prediction(a.prediction_type, [&](auto P) {
-    dispatch_variance(a.variance_type, [&](auto VT) {
+bool for_each_hybrid_sample(const HybridLossArgs& a, bool want_grad, F&& body) {
+  return dispatch_prediction(a.prediction_type, [&](auto P) {
+    return dispatch_learned_variance(a.variance_type, [&](auto VT) {
       at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           const PosteriorCoeffs<acc_t> coeffs = make_posterior_coeffs<acc_t>(a.alphas_cumprod, a.t[b], VT());
@@ -223,10 +186,12 @@ void for_each_hybrid_sample(const HybridLossArgs& a, bool want_grad, F&& body) {
                                            static_cast<acc_t>(x0[j]), static_cast<acc_t>(xt[j]),
                                            static_cast<acc_t>(noise[j]), GRAD());
               });
+              return true;
             });
           });
         }
       });
+      return true;
     });
   });
 }
@@ -234,15 +199,15 @@ void for_each_hybrid_sample(const HybridLossArgs& a, bool want_grad, F&& body) {
 }  // namespace
 
 void hybrid_loss_forward(const HybridLossArgs& a) {
-  dispatch_dtype(a.dtype, [&](auto scalar_tag, auto acc_tag) {
+  check_dispatched(dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
     using scalar_t = typename decltype(scalar_tag)::type;
-    using acc_t = typename decltype(acc_tag)::type;
+    using acc_t = acc_type<scalar_t>;
     acc_t* mse = static_cast<acc_t*>(a.mse);
     acc_t* vb = static_cast<acc_t*>(a.vb);
     // Sums in kLanes independent acc_t lanes over blocks of kBlock elements (vectorizable, deterministic), the
     // block totals in double.
     constexpr int64_t kLanes = 16, kBlock = 1024;
-    for_each_hybrid_sample<scalar_t, acc_t>(a, false, [&](int64_t b, auto&& terms_at) {
+    return for_each_hybrid_sample<scalar_t, acc_t>(a, false, [&](int64_t b, auto&& terms_at) {
       double total_sq = 0.0, total_vb = 0.0;
       for (int64_t k0 = 0; k0 < a.inner; k0 += kBlock) {
         const int64_t k1 = std::min(k0 + kBlock, a.inner);
@@ -268,15 +233,15 @@ void hybrid_loss_forward(const HybridLossArgs& a) {
       mse[b] = (acc_t)(a.inner > 0 ? total_sq / (double)a.inner : NAN);
       vb[b] = (acc_t)(a.inner > 0 ? total_vb / (double)a.inner : NAN);
     });
-  });
+  }), "hybrid_loss");
 }
 
 void hybrid_loss_backward(const HybridLossArgs& a) {
-  dispatch_dtype(a.dtype, [&](auto scalar_tag, auto acc_tag) {
+  check_dispatched(dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
     using scalar_t = typename decltype(scalar_tag)::type;
-    using acc_t = typename decltype(acc_tag)::type;
+    using acc_t = acc_type<scalar_t>;
     const acc_t inv_n = a.inner > 0 ? (acc_t)(1.0 / (double)a.inner) : (acc_t)0;
-    for_each_hybrid_sample<scalar_t, acc_t>(a, true, [&](int64_t b, auto&& terms_at) {
+    return for_each_hybrid_sample<scalar_t, acc_t>(a, true, [&](int64_t b, auto&& terms_at) {
       const acc_t scale_mse = static_cast<const acc_t*>(a.grad_mse)[b] * inv_n;
       const acc_t scale_vb = static_cast<const acc_t*>(a.grad_vb)[b] * inv_n;
       scalar_t* __restrict__ grad_pred = row<scalar_t>(a.grad_prediction, b);
@@ -288,7 +253,7 @@ void hybrid_loss_backward(const HybridLossArgs& a) {
         grad_var[j] = static_cast<scalar_t>(scale_vb * terms.d_vb_d_v);
       }
     });
-  });
+  }), "hybrid_loss_backward");
 }
 
 }  // namespace cpu

@@ -29,15 +29,8 @@
 #include <type_traits>
 
 #include "diffcore_math.h"
+#include "dispatch.h"
 #include "kernel_args.h"
-
-#if defined(__CUDACC__)
-#define DCK_HD __host__ __device__ __forceinline__
-#define DCK_UNROLL _Pragma("unroll")
-#else
-#define DCK_HD inline
-#define DCK_UNROLL
-#endif
 
 namespace diffcore {
 namespace cuda {
@@ -45,29 +38,22 @@ namespace cuda {
 constexpr int kMaxThreads = 256;     // threads per block (a multiple of 32)
 constexpr int kItemsPerThread = 4;   // items per thread and tile
 
-template <int V>
-using Int = std::integral_constant<int, V>;
+// ---- scalar types: storage type scalar_t, compute type acc_t = acc_type<scalar_t> (dispatch.h) ----
 
-// ---- scalar types: storage type scalar_t, compute type acc_t (float, or double for double) ----
-
-template <typename scalar_t>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
+struct CudaTypes {
+  using half = __half;
+  using bfloat16 = __nv_bfloat16;
 };
 
-template <typename acc_t> DCK_HD acc_t to_acc(float v) { return (acc_t)v; }
-template <typename acc_t> DCK_HD acc_t to_acc(double v) { return (acc_t)v; }
-template <typename acc_t> DCK_HD acc_t to_acc(__half v) { return (acc_t)__half2float(v); }
-template <typename acc_t> DCK_HD acc_t to_acc(__nv_bfloat16 v) { return (acc_t)__bfloat162float(v); }
+template <typename acc_t> DC_HD acc_t to_acc(float v) { return (acc_t)v; }
+template <typename acc_t> DC_HD acc_t to_acc(double v) { return (acc_t)v; }
+template <typename acc_t> DC_HD acc_t to_acc(__half v) { return (acc_t)__half2float(v); }
+template <typename acc_t> DC_HD acc_t to_acc(__nv_bfloat16 v) { return (acc_t)__bfloat162float(v); }
 
 // Round to nearest even, like c10::Half / c10::BFloat16 from float on the CPU. Only explicit intrinsics: torch
 // builds CUDA code with __CUDA_NO_HALF_CONVERSIONS__ and __CUDA_NO_BFLOAT16_CONVERSIONS__.
 template <typename scalar_t, typename acc_t>
-DCK_HD scalar_t from_acc(acc_t v) {
+DC_HD scalar_t from_acc(acc_t v) {
   if constexpr (std::is_same<scalar_t, __half>::value) {
     return __float2half_rn((float)v);
   } else if constexpr (std::is_same<scalar_t, __nv_bfloat16>::value) {
@@ -87,23 +73,13 @@ struct alignas(16) Pack {
   scalar_t v[kVecOf<scalar_t>];
 };
 
-template <typename scalar_t>
-DCK_HD const scalar_t* row_in(const Rows& r, int64_t b) {
-  return static_cast<const scalar_t*>(r.data) + b * r.batch_stride;
-}
-
-template <typename scalar_t>
-DCK_HD scalar_t* row_out(const OutRows& r, int64_t b) {
-  return static_cast<scalar_t*>(r.data) + b * r.batch_stride;
-}
-
 // Elements [j0, j0 + kVec) of a row; in the scalar path the ones at or past `inner` read as 0.
 template <bool VEC, typename scalar_t>
-DCK_HD void load_pack(const scalar_t* row, int64_t j0, int64_t inner, Pack<scalar_t>& p) {
+DC_HD void load_pack(const scalar_t* row, int64_t j0, int64_t inner, Pack<scalar_t>& p) {
   if constexpr (VEC) {
     p = *reinterpret_cast<const Pack<scalar_t>*>(row + j0);
   } else {
-    DCK_UNROLL
+    DC_UNROLL
     for (int k = 0; k < kVecOf<scalar_t>; ++k) {
       p.v[k] = j0 + k < inner ? row[j0 + k] : from_acc<scalar_t>(0.0f);
     }
@@ -111,11 +87,11 @@ DCK_HD void load_pack(const scalar_t* row, int64_t j0, int64_t inner, Pack<scala
 }
 
 template <bool VEC, typename scalar_t>
-DCK_HD void store_pack(scalar_t* row, int64_t j0, int64_t inner, const Pack<scalar_t>& p) {
+DC_HD void store_pack(scalar_t* row, int64_t j0, int64_t inner, const Pack<scalar_t>& p) {
   if constexpr (VEC) {
     *reinterpret_cast<Pack<scalar_t>*>(row + j0) = p;
   } else {
-    DCK_UNROLL
+    DC_UNROLL
     for (int k = 0; k < kVecOf<scalar_t>; ++k) {
       if (j0 + k < inner) row[j0 + k] = p.v[k];
     }
@@ -136,35 +112,35 @@ inline bool rows_aligned(const OutRows& r) {
   return rows_aligned<scalar_t>(r.data, r.batch_stride);
 }
 
-DCK_HD int64_t clamp_t(int64_t t, int64_t num_timesteps) {
+DC_HD int64_t clamp_t(int64_t t, int64_t num_timesteps) {
   return t < 0 ? 0 : (t >= num_timesteps ? num_timesteps - 1 : t);
 }
 
 // t_prev: negative values all mean "the final step" and stay negative.
-DCK_HD int64_t clamp_t_prev(int64_t t_prev, int64_t num_timesteps) {
+DC_HD int64_t clamp_t_prev(int64_t t_prev, int64_t num_timesteps) {
   return t_prev >= num_timesteps ? num_timesteps - 1 : t_prev;
 }
 
 // Noise of item (b, j0) in the compute type: 0 when the sample takes none, the given tensor, or Philox normals.
 template <bool VEC, typename scalar_t, typename acc_t>
-DCK_HD void noise_values(const Noise& n, bool noisy, int64_t b, int64_t j0, int64_t inner,
+DC_HD void noise_values(const Noise& n, bool noisy, int64_t b, int64_t j0, int64_t inner,
                          const Pack<scalar_t>& given, acc_t (&z)[kVecOf<scalar_t>]) {
   constexpr int kVec = kVecOf<scalar_t>;
   if (!noisy) {
-    DCK_UNROLL
+    DC_UNROLL
     for (int k = 0; k < kVec; ++k) z[k] = (acc_t)0;
   } else if (n.given.data != nullptr) {
-    DCK_UNROLL
+    DC_UNROLL
     for (int k = 0; k < kVec; ++k) z[k] = to_acc<acc_t>(given.v[k]);
   } else {
-    DCK_UNROLL
+    DC_UNROLL
     for (int g = 0; g < kVec / 4; ++g) {
       if (VEC || j0 + 4 * g < inner) {
         const Normal4<acc_t> r = philox_normal4<acc_t>(n.seed, n.offset, (uint64_t)b, (uint64_t)((j0 >> 2) + g));
-        DCK_UNROLL
+        DC_UNROLL
         for (int lane = 0; lane < 4; ++lane) z[4 * g + lane] = r.v[lane];
       } else {
-        DCK_UNROLL
+        DC_UNROLL
         for (int lane = 0; lane < 4; ++lane) z[4 * g + lane] = (acc_t)0;
       }
     }
@@ -183,7 +159,7 @@ struct LossSums {
 
 template <typename scalar_t>
 struct QSampleOp {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = acc_type<scalar_t>;
   static constexpr int kVec = kVecOf<scalar_t>;
   using Coeffs = PredictCoeffs<acc_t>;
   using Sums = NoSums;
@@ -199,28 +175,28 @@ struct QSampleOp {
     return a.inner % kVec == 0 && rows_aligned<scalar_t>(a.x0) && rows_aligned<scalar_t>(a.noise) &&
            rows_aligned<scalar_t>(a.out);
   }
-  DCK_HD Coeffs coeffs(int64_t b) const {
+  DC_HD Coeffs coeffs(int64_t b) const {
     return make_predict_coeffs<acc_t>(a.alphas_cumprod[clamp_t(a.t[b], a.num_timesteps)]);
   }
   template <bool VEC>
-  DCK_HD void load(int64_t b, int64_t j0, Input& in) const {
-    load_pack<VEC>(row_in<scalar_t>(a.x0, b), j0, a.inner, in.x0);
-    load_pack<VEC>(row_in<scalar_t>(a.noise, b), j0, a.inner, in.noise);
+  DC_HD void load(int64_t b, int64_t j0, Input& in) const {
+    load_pack<VEC>(row<scalar_t>(a.x0, b), j0, a.inner, in.x0);
+    load_pack<VEC>(row<scalar_t>(a.noise, b), j0, a.inner, in.noise);
   }
   template <bool VEC>
-  DCK_HD void apply(const Coeffs& c, int64_t b, int64_t j0, const Input& in, Sums&) const {
+  DC_HD void apply(const Coeffs& c, int64_t b, int64_t j0, const Input& in, Sums&) const {
     Pack<scalar_t> out;
-    DCK_UNROLL
+    DC_UNROLL
     for (int k = 0; k < kVec; ++k) {
       out.v[k] = from_acc<scalar_t>(q_sample_value(c, to_acc<acc_t>(in.x0.v[k]), to_acc<acc_t>(in.noise.v[k])));
     }
-    store_pack<VEC>(row_out<scalar_t>(a.out, b), j0, a.inner, out);
+    store_pack<VEC>(row<scalar_t>(a.out, b), j0, a.inner, out);
   }
 };
 
 template <typename scalar_t, int P, bool CLIP>
 struct DdimOp {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = acc_type<scalar_t>;
   static constexpr int kVec = kVecOf<scalar_t>;
   using Coeffs = DdimCoeffs<acc_t>;
   using Sums = NoSums;
@@ -238,22 +214,23 @@ struct DdimOp {
            (!read_noise || rows_aligned<scalar_t>(a.noise.given)) && rows_aligned<scalar_t>(a.x_prev) &&
            rows_aligned<scalar_t>(a.pred_x0);
   }
-  DCK_HD Coeffs coeffs(int64_t b) const {
+  DC_HD Coeffs coeffs(int64_t b) const {
     return make_ddim_coeffs<acc_t>(a.alphas_cumprod, clamp_t(a.t[b], a.num_timesteps),
                                    clamp_t_prev(a.t_prev[b], a.num_timesteps), a.eta);
   }
   template <bool VEC>
-  DCK_HD void load(int64_t b, int64_t j0, Input& in) const {
-    load_pack<VEC>(row_in<scalar_t>(a.x, b), j0, a.inner, in.x);
-    load_pack<VEC>(row_in<scalar_t>(a.model_output, b), j0, a.inner, in.pred);
-    if (read_noise) load_pack<VEC>(row_in<scalar_t>(a.noise.given, b), j0, a.inner, in.noise);
+  DC_HD void load(int64_t b, int64_t j0, Input& in) const {
+    load_pack<VEC>(row<scalar_t>(a.x, b), j0, a.inner, in.x);
+    load_pack<VEC>(row<scalar_t>(a.model_output, b), j0, a.inner, in.pred);
+    if (read_noise) load_pack<VEC>(row<scalar_t>(a.noise.given, b), j0, a.inner, in.noise);
   }
   template <bool VEC>
-  DCK_HD void apply(const Coeffs& c, int64_t b, int64_t j0, const Input& in, Sums&) const {
+  DC_HD void apply(const Coeffs& c, int64_t b, int64_t j0, const Input& in, Sums&) const {
     acc_t z[kVec];
-    noise_values<VEC>(a.noise, c.sigma != (acc_t)0, b, j0, a.inner, in.noise, z);
+    noise_values<VEC>(a.noise, ddim_takes_noise(a.noise.given.data != nullptr, a.eta, c.sigma), b, j0, a.inner,
+                      in.noise, z);
     Pack<scalar_t> out, out_x0;
-    DCK_UNROLL
+    DC_UNROLL
     for (int k = 0; k < kVec; ++k) {
       acc_t x0;
       const acc_t value =
@@ -261,8 +238,8 @@ struct DdimOp {
       out.v[k] = from_acc<scalar_t>(value);
       out_x0.v[k] = from_acc<scalar_t>(x0);
     }
-    store_pack<VEC>(row_out<scalar_t>(a.x_prev, b), j0, a.inner, out);
-    store_pack<VEC>(row_out<scalar_t>(a.pred_x0, b), j0, a.inner, out_x0);
+    store_pack<VEC>(row<scalar_t>(a.x_prev, b), j0, a.inner, out);
+    store_pack<VEC>(row<scalar_t>(a.pred_x0, b), j0, a.inner, out_x0);
   }
 };
 
@@ -270,7 +247,7 @@ struct DdimOp {
 // variance_type at run time), kLearnedRange or kLearned.
 template <typename scalar_t, int P, int VT, bool CLIP>
 struct DdpmOp {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = acc_type<scalar_t>;
   static constexpr int kVec = kVecOf<scalar_t>;
   static constexpr bool kLearnedVar = VT == kLearnedRange || VT == kLearned;
   using Coeffs = PosteriorCoeffs<acc_t>;
@@ -289,22 +266,23 @@ struct DdpmOp {
            (a.noise.given.data == nullptr || rows_aligned<scalar_t>(a.noise.given)) &&
            rows_aligned<scalar_t>(a.x_prev) && rows_aligned<scalar_t>(a.pred_x0);
   }
-  DCK_HD Coeffs coeffs(int64_t b) const {
+  DC_HD Coeffs coeffs(int64_t b) const {
     return make_posterior_coeffs<acc_t>(a.alphas_cumprod, clamp_t(a.t[b], a.num_timesteps), a.variance_type);
   }
   template <bool VEC>
-  DCK_HD void load(int64_t b, int64_t j0, Input& in) const {
-    load_pack<VEC>(row_in<scalar_t>(a.x, b), j0, a.inner, in.x);
-    load_pack<VEC>(row_in<scalar_t>(a.prediction, b), j0, a.inner, in.pred);
-    if constexpr (kLearnedVar) load_pack<VEC>(row_in<scalar_t>(a.variance, b), j0, a.inner, in.var);
-    if (a.noise.given.data != nullptr) load_pack<VEC>(row_in<scalar_t>(a.noise.given, b), j0, a.inner, in.noise);
+  DC_HD void load(int64_t b, int64_t j0, Input& in) const {
+    load_pack<VEC>(row<scalar_t>(a.x, b), j0, a.inner, in.x);
+    load_pack<VEC>(row<scalar_t>(a.prediction, b), j0, a.inner, in.pred);
+    if constexpr (kLearnedVar) load_pack<VEC>(row<scalar_t>(a.variance, b), j0, a.inner, in.var);
+    if (a.noise.given.data != nullptr) load_pack<VEC>(row<scalar_t>(a.noise.given, b), j0, a.inner, in.noise);
   }
   template <bool VEC>
-  DCK_HD void apply(const Coeffs& c, int64_t b, int64_t j0, const Input& in, Sums&) const {
+  DC_HD void apply(const Coeffs& c, int64_t b, int64_t j0, const Input& in, Sums&) const {
     acc_t z[kVec];
-    noise_values<VEC>(a.noise, c.nonzero_t, b, j0, a.inner, in.noise, z);
+    noise_values<VEC>(a.noise, ddpm_takes_noise(a.noise.given.data != nullptr, c.nonzero_t), b, j0, a.inner,
+                      in.noise, z);
     Pack<scalar_t> out, out_x0;
-    DCK_UNROLL
+    DC_UNROLL
     for (int k = 0; k < kVec; ++k) {
       const acc_t v = kLearnedVar ? to_acc<acc_t>(in.var.v[k]) : (acc_t)0;
       acc_t x0;
@@ -313,8 +291,8 @@ struct DdpmOp {
       out.v[k] = from_acc<scalar_t>(value);
       out_x0.v[k] = from_acc<scalar_t>(x0);
     }
-    store_pack<VEC>(row_out<scalar_t>(a.x_prev, b), j0, a.inner, out);
-    store_pack<VEC>(row_out<scalar_t>(a.pred_x0, b), j0, a.inner, out_x0);
+    store_pack<VEC>(row<scalar_t>(a.x_prev, b), j0, a.inner, out);
+    store_pack<VEC>(row<scalar_t>(a.pred_x0, b), j0, a.inner, out_x0);
   }
 };
 
@@ -322,7 +300,7 @@ struct DdpmOp {
 // respect to the prediction and variance outputs (backward, elementwise).
 template <typename scalar_t, int P, int VT, bool GRAD>
 struct HybridOp {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = acc_type<scalar_t>;
   static constexpr int kVec = kVecOf<scalar_t>;
   struct Coeffs {
     PosteriorCoeffs<acc_t> post;
@@ -343,7 +321,7 @@ struct HybridOp {
                         rows_aligned<scalar_t>(a.x_t) && rows_aligned<scalar_t>(a.noise);
     return inputs && (!GRAD || (rows_aligned<scalar_t>(a.grad_prediction) && rows_aligned<scalar_t>(a.grad_variance)));
   }
-  DCK_HD Coeffs coeffs(int64_t b) const {
+  DC_HD Coeffs coeffs(int64_t b) const {
     Coeffs c;
     c.post = make_posterior_coeffs<acc_t>(a.alphas_cumprod, clamp_t(a.t[b], a.num_timesteps), VT);
     if constexpr (GRAD) {
@@ -356,17 +334,17 @@ struct HybridOp {
     return c;
   }
   template <bool VEC>
-  DCK_HD void load(int64_t b, int64_t j0, Input& in) const {
-    load_pack<VEC>(row_in<scalar_t>(a.prediction, b), j0, a.inner, in.pred);
-    load_pack<VEC>(row_in<scalar_t>(a.variance, b), j0, a.inner, in.var);
-    load_pack<VEC>(row_in<scalar_t>(a.x0, b), j0, a.inner, in.x0);
-    load_pack<VEC>(row_in<scalar_t>(a.x_t, b), j0, a.inner, in.x_t);
-    load_pack<VEC>(row_in<scalar_t>(a.noise, b), j0, a.inner, in.noise);
+  DC_HD void load(int64_t b, int64_t j0, Input& in) const {
+    load_pack<VEC>(row<scalar_t>(a.prediction, b), j0, a.inner, in.pred);
+    load_pack<VEC>(row<scalar_t>(a.variance, b), j0, a.inner, in.var);
+    load_pack<VEC>(row<scalar_t>(a.x0, b), j0, a.inner, in.x0);
+    load_pack<VEC>(row<scalar_t>(a.x_t, b), j0, a.inner, in.x_t);
+    load_pack<VEC>(row<scalar_t>(a.noise, b), j0, a.inner, in.noise);
   }
   template <bool VEC>
-  DCK_HD void apply(const Coeffs& c, int64_t b, int64_t j0, const Input& in, Sums& sums) const {
+  DC_HD void apply(const Coeffs& c, int64_t b, int64_t j0, const Input& in, Sums& sums) const {
     Pack<scalar_t> grad_pred, grad_var;
-    DCK_UNROLL
+    DC_UNROLL
     for (int k = 0; k < kVec; ++k) {
       const HybridTerms<acc_t> terms = hybrid_terms<acc_t>(
           P, VT, c.post, to_acc<acc_t>(in.pred.v[k]), to_acc<acc_t>(in.var.v[k]), to_acc<acc_t>(in.x0.v[k]),
@@ -380,8 +358,8 @@ struct HybridOp {
       }
     }
     if constexpr (GRAD) {
-      store_pack<VEC>(row_out<scalar_t>(a.grad_prediction, b), j0, a.inner, grad_pred);
-      store_pack<VEC>(row_out<scalar_t>(a.grad_variance, b), j0, a.inner, grad_var);
+      store_pack<VEC>(row<scalar_t>(a.grad_prediction, b), j0, a.inner, grad_pred);
+      store_pack<VEC>(row<scalar_t>(a.grad_variance, b), j0, a.inner, grad_var);
     }
   }
 };
@@ -417,22 +395,22 @@ TileShape tile_shape_of(const Op& op) {
   return make_tile_shape(op.batch(), op.inner(), Op::kVec);
 }
 
-DCK_HD int64_t tile_sample(const TileShape& s, int64_t tile) { return tile / s.tiles_per_row; }
+DC_HD int64_t tile_sample(const TileShape& s, int64_t tile) { return tile / s.tiles_per_row; }
 
-DCK_HD int64_t tile_first_item(const TileShape& s, int64_t tile) {
+DC_HD int64_t tile_first_item(const TileShape& s, int64_t tile) {
   return (tile - tile_sample(s, tile) * s.tiles_per_row) * s.tile_items;
 }
 
 // Issues this thread's first loads of the tile (before the block waits for the coefficients).
 template <bool VEC, typename Op>
-DCK_HD void tile_prefetch(const Op& op, const TileShape& s, int64_t tile, int thread, typename Op::Input& first) {
+DC_HD void tile_prefetch(const Op& op, const TileShape& s, int64_t tile, int thread, typename Op::Input& first) {
   const int64_t item = tile_first_item(s, tile) + thread;
   if (item < s.items_per_row) op.template load<VEC>(tile_sample(s, tile), item * Op::kVec, first);
 }
 
 // Processes this thread's items of the tile, loading item k + 1 before computing item k.
 template <bool VEC, typename Op>
-DCK_HD void tile_process(const Op& op, const TileShape& s, int64_t tile, int thread,
+DC_HD void tile_process(const Op& op, const TileShape& s, int64_t tile, int thread,
                          const typename Op::Coeffs& shared_coeffs, const typename Op::Input& first,
                          typename Op::Sums& sums) {
   const int64_t b = tile_sample(s, tile);
@@ -459,43 +437,20 @@ inline size_t hybrid_workspace_bytes(const TileShape& s) {
 
 // ---- dispatch: op-level switches become template constants; Exec runs the op (launch, or host emulation) ----
 
-template <typename T>
-struct Tag {
-  using type = T;
+}  // namespace cuda
+
+template <>
+struct DispatchFailure<cudaError_t> {
+  static cudaError_t value() { return cudaErrorInvalidValue; }
 };
 
-template <typename F>
-cudaError_t dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return f(Tag<float>{});
-    case DType::kFloat64: return f(Tag<double>{});
-    case DType::kFloat16: return f(Tag<__half>{});
-    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-template <typename F>
-cudaError_t dispatch_prediction(int prediction_type, F&& f) {
-  switch (prediction_type) {
-    case kPredEps: return f(Int<kPredEps>{});
-    case kPredX0: return f(Int<kPredX0>{});
-    case kPredV: return f(Int<kPredV>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-template <typename F>
-cudaError_t dispatch_bool(bool value, F&& f) {
-  if (value) return f(std::true_type{});
-  return f(std::false_type{});
-}
+namespace cuda {
 
 template <typename Exec>
 cudaError_t run_q_sample(const QSampleArgs& a, Exec&& exec) {
   if (a.batch <= 0 || a.inner <= 0) return cudaSuccess;
   if (a.num_timesteps < 1) return cudaErrorInvalidValue;
-  return dispatch_dtype(a.dtype, [&](auto st) {
+  return dispatch_dtype<CudaTypes>(a.dtype, [&](auto st) {
     using scalar_t = typename decltype(st)::type;
     return exec.elementwise(QSampleOp<scalar_t>{a});
   });
@@ -506,7 +461,7 @@ cudaError_t run_ddim_step(const DdimStepArgs& a, Exec&& exec) {
   if (a.batch <= 0 || a.inner <= 0) return cudaSuccess;
   if (a.num_timesteps < 1) return cudaErrorInvalidValue;
   const bool read_noise = a.noise.given.data != nullptr && a.eta != 0.0;
-  return dispatch_dtype(a.dtype, [&](auto st) {
+  return dispatch_dtype<CudaTypes>(a.dtype, [&](auto st) {
     using scalar_t = typename decltype(st)::type;
     return dispatch_prediction(a.prediction_type, [&](auto P) {
       return dispatch_bool(a.clip_denoised, [&](auto CLIP) {
@@ -522,19 +477,15 @@ cudaError_t run_ddpm_step(const DdpmStepArgs& a, Exec&& exec) {
   if (a.num_timesteps < 2) return cudaErrorInvalidValue;
   const bool learned = a.variance_type == kLearnedRange || a.variance_type == kLearned;
   if (learned && a.variance.data == nullptr) return cudaErrorInvalidValue;
-  if (a.variance_type < kFixedSmall || a.variance_type > kLearned) return cudaErrorInvalidValue;
-  const int vt_class = learned ? a.variance_type : (int)kFixedSmall;
-  return dispatch_dtype(a.dtype, [&](auto st) {
+  return dispatch_dtype<CudaTypes>(a.dtype, [&](auto st) {
     using scalar_t = typename decltype(st)::type;
     return dispatch_prediction(a.prediction_type, [&](auto P) {
-      return dispatch_bool(a.clip_denoised, [&](auto CLIP) {
-        constexpr int kP = decltype(P)::value;
-        constexpr bool kClip = decltype(CLIP)::value;
-        switch (vt_class) {
-          case kLearnedRange: return exec.elementwise(DdpmOp<scalar_t, kP, kLearnedRange, kClip>{a});
-          case kLearned: return exec.elementwise(DdpmOp<scalar_t, kP, kLearned, kClip>{a});
-          default: return exec.elementwise(DdpmOp<scalar_t, kP, kFixedSmall, kClip>{a});
-        }
+      return dispatch_variance(a.variance_type, [&](auto VT) {
+        return dispatch_bool(a.clip_denoised, [&](auto CLIP) {
+          // both fixed types run DdpmOp<..., kFixedSmall, ...> (one instantiation): the element code is the same
+          constexpr int kVT = decltype(VT)::value == kFixedLarge ? (int)kFixedSmall : decltype(VT)::value;
+          return exec.elementwise(DdpmOp<scalar_t, decltype(P)::value, kVT, decltype(CLIP)::value>{a});
+        });
       });
     });
   });
@@ -544,13 +495,12 @@ template <bool GRAD, typename F>
 cudaError_t dispatch_hybrid(const HybridLossArgs& a, F&& f) {
   if (a.batch <= 0 || a.inner <= 0) return cudaSuccess;
   if (a.num_timesteps < 2) return cudaErrorInvalidValue;
-  if (a.variance_type != kLearnedRange && a.variance_type != kLearned) return cudaErrorInvalidValue;
-  return dispatch_dtype(a.dtype, [&](auto st) {
+  return dispatch_dtype<CudaTypes>(a.dtype, [&](auto st) {
     using scalar_t = typename decltype(st)::type;
     return dispatch_prediction(a.prediction_type, [&](auto P) {
-      constexpr int kP = decltype(P)::value;
-      if (a.variance_type == kLearnedRange) return f(HybridOp<scalar_t, kP, kLearnedRange, GRAD>{a});
-      return f(HybridOp<scalar_t, kP, kLearned, GRAD>{a});
+      return dispatch_learned_variance(a.variance_type, [&](auto VT) {
+        return f(HybridOp<scalar_t, decltype(P)::value, decltype(VT)::value, GRAD>{a});
+      });
     });
   });
 }
@@ -558,7 +508,7 @@ cudaError_t dispatch_hybrid(const HybridLossArgs& a, F&& f) {
 inline size_t hybrid_loss_forward_workspace_bytes_for(const HybridLossArgs& a) {
   if (a.batch <= 0 || a.inner <= 0) return 0;
   size_t bytes = 0;
-  dispatch_dtype(a.dtype, [&](auto st) {
+  dispatch_dtype<CudaTypes>(a.dtype, [&](auto st) {
     using scalar_t = typename decltype(st)::type;
     bytes = hybrid_workspace_bytes(make_tile_shape(a.batch, a.inner, kVecOf<scalar_t>));
     return cudaSuccess;

@@ -24,8 +24,8 @@ from typing import Optional
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = [ROOT / "tests/cuda_emu/emulator.cpp", ROOT / "csrc/cuda/kernel_ops.cuh", ROOT / "csrc/diffcore_math.h",
-           ROOT / "csrc/kernel_args.h"]
+SOURCES = [ROOT / "tests/cuda_emu/emulator.cpp", ROOT / "csrc/cuda/kernel_ops.cuh",
+           *sorted((ROOT / "csrc").glob("*.h"))]  # the torch-free headers kernel_ops.cuh includes (and ops.h)
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 VEC = {torch.float32: 4, torch.float64: 4, torch.float16: 8, torch.bfloat16: 8}  # elements per 16-byte item
 

@@ -1,0 +1,116 @@
+// fast_math.h: exp, log, sin/cos, max/min/clamp for the fused kernels, host-device and torch-free. The float
+// versions are written with plain arithmetic so that CPU loops using them vectorize; NaN and infinities behave as
+// in torch. Included by formulas.h and philox.h (the umbrella is diffcore_math.h).
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "dispatch.h"
+
+namespace diffcore {
+
+// exp in float by Cody-Waite range reduction and Cephes' degree-6 polynomial (about 1 ulp), written with plain
+// arithmetic so that CPU loops using it vectorize. Like torch.exp: NaN propagates, exp(x) = inf above
+// ln(FLT_MAX) = 88.72, denormals below e^-87.3 and 0 below e^-103.97 (exp(-inf) = 0). 2^n is applied as two
+// factors 2^(n/2) 2^(n - n/2), each a normal float for n in [-150, 128], so the scaling is exact (one rounding
+// where the result is denormal).
+DC_HD float dc_int_as_float(int32_t i) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(i);
+#else
+  float f;
+  memcpy(&f, &i, sizeof(f));
+  return f;
+#endif
+}
+
+DC_HD float dc_exp(float x) {
+  const float xc = x < -103.972084f ? -103.972084f : (x > 88.7228394f ? 88.7228394f : x);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+  const float n = (xc * 1.44269504088896341f + magic) - magic;
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t ni = (int32_t)n, n1 = ni / 2, n2 = ni - n1;
+  float result = (p * dc_int_as_float((n1 + 127) << 23)) * dc_int_as_float((n2 + 127) << 23);
+  result = x < -103.972084f ? 0.0f : result;
+  result = x > 88.7228394f ? INFINITY : result;
+  return x != x ? x : result;
+}
+DC_HD double dc_exp(double x) { return exp(x); }
+DC_HD int32_t dc_float_as_int(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(f);
+#else
+  int32_t i;
+  memcpy(&i, &f, sizeof(i));
+  return i;
+#endif
+}
+
+// log in float: exponent from the bits, Cephes' polynomial on the mantissa in [sqrt(1/2), sqrt(2)) (about 1 ulp);
+// plain arithmetic so that loops vectorize. log(0) = -inf, log(x < 0) = NaN, log(inf) = inf, NaN propagates.
+DC_HD float dc_log(float x) {
+  const bool denormal = x < 1.17549435e-38f;
+  const float xs = denormal ? x * 8388608.0f : x;  // 2^23
+  const int32_t bits = dc_float_as_int(xs);
+  int32_t e = ((bits >> 23) & 0xff) - 127 - (denormal ? 23 : 0);
+  float m = dc_int_as_float((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  const bool high = m > 1.41421356f;
+  m = high ? m * 0.5f : m;
+  e = high ? e + 1 : e;
+  const float f = m - 1.0f, z = f * f, fe = (float)e;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y = y + -2.12194440e-4f * fe;
+  y = y - 0.5f * z;
+  float result = (f + y) + 0.693359375f * fe;
+  result = x == 0.0f ? -INFINITY : result;
+  result = x > 3.40282347e+38f ? x : result;  // inf
+  return (x < 0.0f || x != x) ? NAN : result;
+}
+DC_HD double dc_log(double x) { return log(x); }
+DC_HD float dc_sqrt(float x) { return sqrtf(x); }
+DC_HD double dc_sqrt(double x) { return sqrt(x); }
+DC_HD float dc_tanh(float x) { return tanhf(x); }
+DC_HD double dc_tanh(double x) { return tanh(x); }
+// max / min / clamp with torch's NaN semantics (torch.maximum, torch.minimum, torch.clamp): a NaN operand gives
+// NaN. A comparison with NaN is false, so the NaN is selected explicitly (x != x); still branch-free selects.
+template <typename T> DC_HD bool dc_isnan(T x) { return x != x; }
+template <typename T> DC_HD T dc_max(T a, T b) { return (a > b || dc_isnan(a)) ? a : b; }
+template <typename T> DC_HD T dc_min(T a, T b) { return (a < b || dc_isnan(a)) ? a : b; }
+template <typename T> DC_HD T dc_clamp(T x, T lo, T hi) { return dc_min(dc_max(x, lo), hi); }
+// sin and cos in float for x in [0, 2 pi] (the Box-Muller angle): Cody-Waite reduction by pi/2 and Cephes'
+// polynomials on [-pi/4, pi/4] (about 1-2 ulp); plain arithmetic so that loops vectorize.
+DC_HD void dc_sincos(float x, float* s, float* c) {
+  const float magic = 12582912.0f;
+  const float n = (x * 0.636619772367581f + magic) - magic;  // nearest multiple of pi/2
+  const float r = ((x - n * 1.5703125f) - n * 4.837512969970703125e-4f) - n * 7.54978995489188216e-8f;
+  const float r2 = r * r;
+  const float sin_r = r + r * r2 * (-1.6666654611e-1f + r2 * (8.3321608736e-3f + r2 * -1.9515295891e-4f));
+  const float cos_r = 1.0f - 0.5f * r2 + r2 * r2 * (4.166664568298827e-2f + r2 * (-1.388731625493765e-3f +
+                                                                                   r2 * 2.443315711809948e-5f));
+  const int32_t q = (int32_t)n & 3;
+  const float sv = (q & 1) ? cos_r : sin_r;
+  const float cv = (q & 1) ? sin_r : cos_r;
+  *s = (q & 2) ? -sv : sv;
+  *c = ((q + 1) & 2) ? -cv : cv;
+}
+DC_HD void dc_sincos(double x, double* s, double* c) { *s = sin(x); *c = cos(x); }
+
+}  // namespace diffcore
