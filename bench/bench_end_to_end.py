@@ -1,11 +1,11 @@
 """Is diffcore faster than what a user would pick instead? End to end, side by side, in one process.
 
-    OMP_NUM_THREADS=1 python bench/bench_end_to_end.py sample [--rounds 3] [--n 64] [--compile]
+    OMP_NUM_THREADS=1 python bench/bench_end_to_end.py sample [--rounds 3] [--n 64] [--compile [all]]
     OMP_NUM_THREADS=1 python bench/bench_end_to_end.py train [--rounds 5]
     OMP_NUM_THREADS=1 python bench/bench_end_to_end.py fid [--n 500]
 
 ``sample``: DDIM-50 of n images from the packaged Fashion-MNIST model through ``diffcore.sample`` (default
-options, and each precision / compile option) against diffusers' ``UNet2DModel`` of the same size (1,743,170
+options, fp32, and compile=True) against diffusers' ``UNet2DModel`` of the same size (1,743,170
 parameters, DESIGN.md section 5) + ``DDIMScheduler`` (cosine schedule, clipping), rounds interleaved; prints the
 median time of each and the median of the per-round ratios diffusers / diffcore.
 ``train``: one training step (forward, eps MSE, backward, AdamW) at batch 64, diffcore's U-Net (fp32, and bf16
@@ -81,14 +81,14 @@ def bench_sample(args) -> None:
     def ours(**kw):
         return lambda: diffcore.sample(model, n=n, seed=0, diffusion=diffusion, progress=False, **kw)
 
-    options = {"diffcore default": ours(), "diffcore precision=auto": ours(precision="auto"),
-               "diffcore fp32 batch_size=n": ours(batch_size=n)}
+    options = {"diffcore default (precision auto)": ours(), "diffcore precision=fp32": ours(precision="fp32")}
     if args.compile:
-        options["diffcore compile fp32"] = ours(compile=True)
-        options["diffcore compile auto"] = ours(compile=True, precision="auto")
-        for name in ("diffcore compile fp32", "diffcore compile auto"):  # first calls: compile (or load the cache)
-            print(f"{name}: first call {timed(options[name]):.1f} s (cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR')})",
-                  flush=True)
+        if args.compile == "all":
+            options["diffcore compile=True fp32"] = ours(compile=True, precision="fp32")
+        options["diffcore compile=True (precision auto)"] = ours(compile=True)
+        for name in [k for k in options if "compile" in k]:  # first calls: compile, or load the on-disk cache
+            first = timed(options[name])
+            print(f"{name}: first call {first:.1f} s (cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR')})", flush=True)
     options["diffusers UNet2DModel + DDIMScheduler"] = lambda: diffusers_ddim(reference, n)
     times = {name: [] for name in options}
     for r in range(args.rounds):
@@ -185,7 +185,8 @@ def main() -> None:
                         help="fid: precision:seed runs; the first is the baseline (fp32 at another seed gives the "
                         "sampling noise of FID)")
     parser.add_argument("--splits", type=int, default=5, help="fid: disjoint reference splits")
-    parser.add_argument("--compile", action="store_true", help="sample: also the torch.compile options")
+    parser.add_argument("--compile", nargs="?", const="auto", choices=("auto", "all"),
+                        help="sample: also compile=True (auto precision; 'all': and fp32)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     args.n = args.n or (500 if args.what == "fid" else 64)

@@ -27,7 +27,8 @@ from typing import Any, Literal, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["CpuFeatures", "cpu_features", "Precision", "PRECISIONS", "DEFAULT_PRECISION", "resolve_precision", "precision_context",
+__all__ = ["CpuFeatures", "cpu_features", "Precision", "PRECISIONS", "DEFAULT_PRECISION", "resolve_precision",
+           "precision_context",
            "default_threads", "set_threads", "cache_dir", "BucketedModel", "compile_model", "bucket_for",
            "DEFAULT_BUCKETS", "CPU_BATCH_SIZE", "default_batch_size", "batch_slices", "slice_rows", "training_bf16"]
 
@@ -276,8 +277,9 @@ def compile_model(model: nn.Module, *, buckets: Optional[Sequence[int]] = DEFAUL
     return BucketedModel(model, compiled, buckets)
 
 
-#: batch size :func:`diffcore.sample` splits n into on a CPU when ``batch_size`` is None: per image and step,
-#: batch 64 was the cheapest measured here (batch 8: 1.2x, 256: 1.5x the cost; bench/RESULTS.md)
+#: batch size :func:`diffcore.sample` splits n into on a CPU when ``batch_size`` is None: per image and step, batch
+#: 64 was the cheapest measured for the packaged model (batch 1: 2.6x, 8: 1.2x, 128: 1.1x, 256: 1.5x the cost, and
+#: 256 needs 805 MiB against 449 MiB; issue 14)
 CPU_BATCH_SIZE = 64
 
 

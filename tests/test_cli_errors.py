@@ -154,7 +154,7 @@ def test_outputs_of_one_command_are_written_together(ckpt, tmp_path, capsys):
     import numpy as np
 
     with np.load(tmp_path / "deep" / "s.npz") as archive:
-        assert archive["images"].shape == (2, SIZE, SIZE, 1)
+        assert archive["arr_0"].shape == (2, SIZE, SIZE, 1)
     assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["s.npz", "s.png"]
 
 
@@ -162,7 +162,7 @@ def test_write_together_leaves_nothing_when_one_write_fails(tmp_path, monkeypatc
     from diffcore import outputs
 
     (tmp_path / "old.txt").write_text("old")
-    real = outputs._write_synced
+    real = outputs.write_synced
     calls = []
 
     def fail_second(path, data):
@@ -171,7 +171,7 @@ def test_write_together_leaves_nothing_when_one_write_fails(tmp_path, monkeypatc
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(outputs, "_write_synced", fail_second)
+    monkeypatch.setattr(outputs, "write_synced", fail_second)
     with pytest.raises(OSError, match="No space left"):
         outputs.write_together({tmp_path / "new" / "a.png": b"a", tmp_path / "old.txt": b"new"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.txt"]

@@ -114,7 +114,8 @@ def test_batch_slices_and_buckets():
     with pytest.raises(ValueError, match="batch_size: expected an int >= 1"):
         runtime.batch_slices(3, 0)
     assert [runtime.bucket_for(n, (1, 4, 16)) for n in (1, 2, 4, 5, 16, 17)] == [1, 4, 4, 16, 16, 17]
-    assert runtime.default_batch_size(500, "cpu") == runtime.CPU_BATCH_SIZE and runtime.default_batch_size(3, "cpu") == 3
+    assert runtime.default_batch_size(500, "cpu") == runtime.CPU_BATCH_SIZE
+    assert runtime.default_batch_size(3, "cpu") == 3
 
 
 def test_bucketed_model_pads_without_changing_any_output(one_thread, tmp_path, monkeypatch):

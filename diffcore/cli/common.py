@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["UsageError", "LoadedModel", "add_model_flags", "add_speed_flags", "apply_threads", "resolve_device", "load_model", "ddim_steps",
+__all__ = ["UsageError", "LoadedModel", "add_model_flags", "add_speed_flags", "apply_threads", "resolve_device",
+           "load_model", "ddim_steps",
            "class_labels", "check_output_file", "check_output_folder"]
 
 

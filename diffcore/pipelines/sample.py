@@ -24,8 +24,8 @@ from ..respace import SkipType
 from ..samplers import SAMPLER_INFO, SamplerChoice, Spacing, check_sampler, default_sampler, run_sampler
 from ..schedules import make_schedule
 from ..images import require_finite
-from ..runtime import (DEFAULT_PRECISION, Precision, batch_slices, compile_model, default_batch_size, precision_context,
-                       resolve_precision, slice_rows)
+from ..runtime import (DEFAULT_PRECISION, Precision, batch_slices, compile_model, default_batch_size,
+                       precision_context, resolve_precision, slice_rows)
 from ..samplers.loop import StepCallback, draw_seed, initial_noise
 from .common import eval_mode, model_device
 

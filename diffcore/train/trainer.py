@@ -1,6 +1,7 @@
 """The training loop: AdamW with linear warm-up, gradient clipping and accumulation, EMA, bf16 autocast (on CUDA
-and on CPUs where bf16 is fast), the hybrid loss through :meth:`GaussianDiffusion.training_losses` (the fused op), importance-sampled timesteps,
-JSON-lines logs and a loss plot, EMA sample grids, atomic checkpoints with exact resume, and DDP.
+and on CPUs where bf16 is fast), the hybrid loss through :meth:`GaussianDiffusion.training_losses` (the fused op),
+importance-sampled timesteps, JSON-lines logs and a loss plot, EMA sample grids, atomic checkpoints with exact
+resume, and DDP.
 
 Divergence: a step whose loss or gradient is not finite is skipped on the device (the fused AdamW kernel's
 ``found_inf``, as torch.amp's GradScaler uses it, and a masked EMA update), so no per-step host sync is needed; the
