@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
 def pytest_configure(config):

@@ -1,26 +1,21 @@
 """The CUDA op benchmark cases, shared by bench_ops_cuda.py (pytest-benchmark) and gpu_report.py (a script).
 
 Each case builds its inputs once (``numel`` elements per image-like tensor, default 64M = 256x4x256x256) and gives
-three callables doing the same work: the fused op (``impl="fused"``, no value checks: no host sync), the eager
+three callables doing the same work (needs ``tests/`` on the path for the shared op tables: pytest puts it there,
+scripts run with ``PYTHONPATH=tests``): the fused op (``impl="fused"``, no value checks: no host sync), the eager
 pure-torch reference, and ``torch.compile`` of that reference. ``elements_moved`` counts the tensors a single
 fused pass must read and write, in units of ``numel`` elements: bytes moved = elements_moved * numel * itemsize,
 the figure compared with a device-to-device copy (which moves 2 * numel * itemsize bytes).
 """
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, os.path.join(_ROOT, "tests"))
-sys.path.append(_ROOT)  # diffcore from this checkout when it is not installed
-
-from diffcore import ops, reference  # noqa: E402
-from op_cases import make_table  # noqa: E402
+from diffcore import ops, reference
+from op_cases import make_table  # tests/op_cases.py: on the path under pytest (pyproject's pythonpath) or PYTHONPATH
 
 NUMEL_64M = 64 * 2**20
 T_TABLE = 1000

@@ -10,9 +10,9 @@ What it measures, all in one run on one GPU (CUDA-event timings, median of repea
     drawn on the GPU against the CPU kernels' for the same seed (largest |difference|, and bitwise repeatability).
 
 Usage (on the GPU machine, after `pip install -e . --no-build-isolation` built the CUDA kernels):
-    python bench/gpu_report.py                      # the full report (a few minutes, mostly torch.compile)
-    python bench/gpu_report.py --quick              # 4M elements, fewer repeats: a smoke test
-    python bench/gpu_report.py --no-compile --dtypes fp32 --numel 16777216 --out /tmp/results
+    PYTHONPATH=tests python bench/gpu_report.py                      # the full report (a few minutes, mostly torch.compile)
+    PYTHONPATH=tests python bench/gpu_report.py --quick              # 4M elements, fewer repeats: a smoke test
+    PYTHONPATH=tests python bench/gpu_report.py --no-compile --dtypes fp32 --numel 16777216 --out /tmp/results
 A failing case is recorded with its error and the run goes on. Exit status: 0 on success, 2 when no GPU or no
 CUDA kernels, 1 when any measurement or check failed.
 """
@@ -32,9 +32,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import cuda_op_cases as C  # noqa: E402
+import cuda_op_cases as C  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 from diffcore import ops  # noqa: E402
 

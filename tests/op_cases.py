@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from diffcore import reference
+
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 T_STEPS = 40
 
@@ -44,3 +46,24 @@ def tolerance(dtype: torch.dtype) -> dict:
         return dict(atol=2e-5, rtol=2e-5)
     # both round the same fp32 value to half precision; allow one ulp of disagreement
     return dict(atol=1e-2, rtol=1e-2)
+
+
+def random_images(shape, dtype, seed=0, scale=1.0) -> torch.Tensor:
+    """Seeded standard-normal values (times ``scale``) drawn in float64, then cast to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def loss_inputs(dtype, kind="contiguous", batch=6, shape=(3, 5, 4), variance_type="learned_range", seed=0):
+    """[model_output, x0, x_t, noise, t, table] of a hybrid_loss call (x_t from the reference q_sample)."""
+    table = make_table()
+    t = timesteps(batch, seed=seed)
+    x0 = random_images((batch, *shape), torch.float64, seed=seed).clamp(-1, 1)
+    noise = random_images((batch, *shape), torch.float64, seed=seed + 1)
+    x_t = reference.q_sample(x0, noise, t, table)
+    model_output = random_images((batch, 2 * shape[0], *shape[1:]), torch.float64, seed=seed + 2, scale=0.5)
+    if variance_type == "learned_range":
+        model_output[:, shape[0]:] = model_output[:, shape[0]:].clamp(-1, 1)
+    else:  # a plausible log variance
+        model_output[:, shape[0]:] = model_output[:, shape[0]:] - 4.0
+    return [layout(v.to(dtype), kind) for v in (model_output, x0, x_t, noise)] + [t, table]

@@ -14,20 +14,15 @@ import pytest
 import torch
 
 from diffcore import ops
-from diffcore.reference import formulas as F
+from diffcore.reference import formulas
 from diffcore.types import VarianceType, as_prediction_type, as_variance_type
 
-from op_cases import make_table, timesteps, tolerance
+from op_cases import make_table, random_images, timesteps, tolerance
 
 pytestmark = pytest.mark.skipif(not ops.fused_available("cpu"), reason="diffcore._C is not built")
 
 SPECIALS = (float("nan"), float("inf"), float("-inf"))
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-
-
-def _images(shape, dtype, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
 
 
 def _poison(x: torch.Tensor, seed: int, fraction: float = 0.08, values=SPECIALS) -> torch.Tensor:
@@ -57,18 +52,18 @@ def _selected_branch_gradient(model_output, x0, x_t, noise, t, table, prediction
     """
     dt = torch.float64 if x0.dtype == torch.float64 else torch.float32
     ptype, vtype = as_prediction_type(prediction_type), as_variance_type(variance_type)
-    tables = F.gather_tables(table, t)
+    tables = formulas.gather_tables(table, t)
     channels = x0.shape[1]
     leaf = model_output.detach().to(dt).requires_grad_(True)
     total = 0.0
     for b in range(x0.shape[0]):
         def coef(values):
-            return F.per_sample(values[b:b + 1], x0[b:b + 1]).to(dt)
+            return formulas.per_sample(values[b:b + 1], x0[b:b + 1]).to(dt)
         pred, var = leaf[b:b + 1, :channels], leaf[b:b + 1, channels:]
         xb, xtb, nb = x0[b:b + 1].to(dt), x_t[b:b + 1].to(dt), noise[b:b + 1].to(dt)
         abar = coef(tables.abar)
-        mse = ((pred - F.training_target(xb, nb, abar, ptype)) ** 2).mean()
-        x0_hat, _ = F.predict_x0_eps(pred.detach(), xtb, abar, ptype, False)
+        mse = ((pred - formulas.training_target(xb, nb, abar, ptype)) ** 2).mean()
+        x0_hat, _ = formulas.predict_x0_eps(pred.detach(), xtb, abar, ptype, False)
         c1, c2 = coef(tables.posterior_mean_coef1), coef(tables.posterior_mean_coef2)
         model_mean = c1 * x0_hat + c2 * xtb
         if vtype == VarianceType.LEARNED:
@@ -77,10 +72,10 @@ def _selected_branch_gradient(model_output, x0, x_t, noise, t, table, prediction
             frac = (var + 1.0) / 2.0
             model_log_var = frac * coef(tables.beta.log()) + (1.0 - frac) * coef(tables.log_posterior_variance)
         if int(t[b]) == 0:
-            vb = -F.discretized_gaussian_log_likelihood(xb, model_mean, 0.5 * model_log_var) / F.LOG2
+            vb = -formulas.discretized_gaussian_log_likelihood(xb, model_mean, 0.5 * model_log_var) / formulas.LOG2
         else:
-            vb = F.normal_kl(c1 * xb + c2 * xtb, coef(tables.log_posterior_variance), model_mean,
-                             model_log_var) / F.LOG2
+            vb = formulas.normal_kl(c1 * xb + c2 * xtb, coef(tables.log_posterior_variance), model_mean,
+                             model_log_var) / formulas.LOG2
         total = total + weights[b] * mse + weights[b] ** 2 * vb.mean()
     total.backward()
     return leaf.grad.to(model_output.dtype)
@@ -100,8 +95,8 @@ def _both(fn, *args, **kwargs):
 
 @pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
 def test_ddim_step_with_clipping_keeps_a_nan_of_the_model_output(prediction_type):
-    x = _images((2, 3, 5, 7), torch.float32, seed=0)
-    model_output = _images((2, 3, 5, 7), torch.float32, seed=1)
+    x = random_images((2, 3, 5, 7), torch.float32, seed=0)
+    model_output = random_images((2, 3, 5, 7), torch.float32, seed=1)
     model_output[0, 1, 2, 3] = float("nan")
     t = torch.tensor([30, 12])
     table = make_table()
@@ -116,8 +111,8 @@ def test_ddim_step_with_clipping_keeps_a_nan_of_the_model_output(prediction_type
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned_range", "learned"])
 def test_ddpm_step_with_clipping_keeps_a_nan_of_the_model_output(variance_type):
     learned = variance_type.startswith("learned")
-    x = _images((2, 3, 5, 7), torch.float32, seed=0)
-    model_output = _images((2, 6 if learned else 3, 5, 7), torch.float32, seed=1, scale=0.5)
+    x = random_images((2, 3, 5, 7), torch.float32, seed=0)
+    model_output = random_images((2, 6 if learned else 3, 5, 7), torch.float32, seed=1, scale=0.5)
     model_output[1, 0, 4, 6] = float("nan")
     t = torch.tensor([0, 17])
     (xf, x0f), (xr, x0r) = _both(ops.ddpm_step, x, model_output, t, make_table(), variance_type=variance_type,
@@ -129,10 +124,10 @@ def test_ddpm_step_with_clipping_keeps_a_nan_of_the_model_output(variance_type):
 
 def test_hybrid_loss_at_t0_with_a_nan_variance_gives_nan_vb_and_nan_gradient():
     table, t = make_table(), torch.tensor([0, 9])
-    x0 = _images((2, 3, 4, 5), torch.float32, seed=0).clamp(-1, 1)
-    noise = _images((2, 3, 4, 5), torch.float32, seed=1)
+    x0 = random_images((2, 3, 4, 5), torch.float32, seed=0).clamp(-1, 1)
+    noise = random_images((2, 3, 4, 5), torch.float32, seed=1)
     x_t = ops.q_sample(x0, noise, t, table, impl="reference")
-    model_output = _images((2, 6, 4, 5), torch.float32, seed=2, scale=0.5).clamp(-1, 1)
+    model_output = random_images((2, 6, 4, 5), torch.float32, seed=2, scale=0.5).clamp(-1, 1)
     model_output[0, 4, 1, 1] = float("nan")  # a variance channel of the t = 0 sample
     results = {}
     for impl in ["fused", "reference"]:
@@ -149,12 +144,12 @@ def test_hybrid_loss_at_t0_with_a_nan_variance_gives_nan_vb_and_nan_gradient():
 
 @pytest.mark.parametrize("given_noise", [False, True])
 def test_ddim_step_with_infinite_eta_matches_reference(given_noise):
-    x = _images((4, 3, 5, 7), torch.float32, seed=0)
-    model_output = _images((4, 3, 5, 7), torch.float32, seed=1)
+    x = random_images((4, 3, 5, 7), torch.float32, seed=0)
+    model_output = random_images((4, 3, 5, 7), torch.float32, seed=1)
     table = make_table()
     t = torch.tensor([30, 12, 3, 8])
     t_prev = torch.tensor([20, -1, -1, 15])  # ordinary, two final steps (sigma = inf * 0 = nan), a reverse step
-    noise = _images((4, 3, 5, 7), torch.float32, seed=2) if given_noise else None
+    noise = random_images((4, 3, 5, 7), torch.float32, seed=2) if given_noise else None
     for clip in [False, True]:
         (xf, x0f), (xr, x0r) = _both(ops.ddim_step, x, model_output, t, t_prev, table, float("inf"),
                                      clip_denoised=clip, noise=noise, seed=4)
@@ -171,9 +166,9 @@ def test_ddim_step_with_infinite_eta_matches_reference(given_noise):
 @pytest.mark.parametrize("clip", [False, True])
 def test_ddim_step_non_finite_inputs(dtype, prediction_type, clip):
     shape = (5, 3, 9, 7)
-    x = _poison(_images(shape, dtype, seed=0), seed=10)
-    model_output = _poison(_images(shape, dtype, seed=1), seed=11)
-    noise = _poison(_images(shape, dtype, seed=2), seed=12)
+    x = _poison(random_images(shape, dtype, seed=0), seed=10)
+    model_output = _poison(random_images(shape, dtype, seed=1), seed=11)
+    noise = _poison(random_images(shape, dtype, seed=2), seed=12)
     table = make_table()
     t = timesteps(5)
     t_prev = torch.tensor([-1, 3, 30, -1, 20])  # final, ordinary, reverse (sigma = 0 with eta > 0), ...
@@ -190,9 +185,9 @@ def test_ddim_step_non_finite_inputs(dtype, prediction_type, clip):
 def test_ddpm_step_non_finite_inputs(dtype, variance_type, clip):
     learned = variance_type.startswith("learned")
     shape = (5, 3, 9, 7)
-    x = _poison(_images(shape, dtype, seed=0), seed=20)
-    model_output = _poison(_images((5, 6 if learned else 3, 9, 7), dtype, seed=1, scale=0.5), seed=21)
-    noise = _poison(_images(shape, dtype, seed=2), seed=22)
+    x = _poison(random_images(shape, dtype, seed=0), seed=20)
+    model_output = _poison(random_images((5, 6 if learned else 3, 9, 7), dtype, seed=1, scale=0.5), seed=21)
+    noise = _poison(random_images(shape, dtype, seed=2), seed=22)
     t = timesteps(5)  # t[0] = 0: the noise term is 0 * sigma * z there, NaN when sigma or z is not finite
     for prediction_type in ["eps", "x0", "v"]:
         for given in [None, noise]:
@@ -206,8 +201,8 @@ def test_ddpm_step_non_finite_inputs(dtype, variance_type, clip):
 @pytest.mark.parametrize("variance_type", ["learned_range", "learned"])
 def test_ddpm_step_extreme_log_variances_match_torch_exp(variance_type):
     """exp of the learned log variance: overflow to inf above ln(FLT_MAX) and underflow to 0 near -inf."""
-    x = _images((2, 3, 4, 4), torch.float32, seed=0)
-    model_output = _images((2, 6, 4, 4), torch.float32, seed=1)
+    x = random_images((2, 3, 4, 4), torch.float32, seed=0)
+    model_output = random_images((2, 6, 4, 4), torch.float32, seed=1)
     values = torch.tensor([200.0, 178.0, 177.0, 176.0, -200.0, -250.0, float("inf"), float("-inf")])
     model_output[:, 3:].view(2, -1)[:, : values.numel()] = values
     (xf, _), (xr, _) = _both(ops.ddpm_step, x, model_output, torch.tensor([5, 30]), make_table(),
@@ -223,12 +218,12 @@ def test_hybrid_loss_non_finite_inputs_forward_and_backward(dtype, variance_type
     table = make_table()
     t = torch.tensor([0, 0, 1, 17, 39, 0])
     shape = (6, 3, 7, 5)
-    x0 = _images(shape, torch.float64, seed=0).clamp(-1, 1)
+    x0 = random_images(shape, torch.float64, seed=0).clamp(-1, 1)
     x0[0, 0, :2] = -1.0  # the open edge bins of the decoder likelihood
     x0[1, 1, :2] = 1.0
-    noise = _images(shape, torch.float64, seed=1)
+    noise = random_images(shape, torch.float64, seed=1)
     x_t = ops.q_sample(x0, noise, t, table, impl="reference")
-    model_output = _images((6, 6, 7, 5), torch.float64, seed=2, scale=0.5)
+    model_output = random_images((6, 6, 7, 5), torch.float64, seed=2, scale=0.5)
     abar = table[t].view(-1, 1, 1, 1)
     target = {"eps": noise, "x0": x0, "v": abar.sqrt() * noise - (1 - abar).sqrt() * x0}[prediction_type]
     model_output[:, :3] = target + 0.1 * model_output[:, :3]
@@ -267,10 +262,10 @@ def test_hybrid_loss_extreme_log_variances():
     """exp(lv1 - lv2) and exp(-lv2) of the KL overflow to inf exactly where torch's exp does (learned log
     variances beyond ln(FLT_MAX) = 88.7), and the decoder likelihood saturates like the reference's."""
     table, t = make_table(), torch.tensor([0, 6, 25])
-    x0 = _images((3, 3, 4, 4), torch.float32, seed=0).clamp(-1, 1)
-    noise = _images((3, 3, 4, 4), torch.float32, seed=1)
+    x0 = random_images((3, 3, 4, 4), torch.float32, seed=0).clamp(-1, 1)
+    noise = random_images((3, 3, 4, 4), torch.float32, seed=1)
     x_t = ops.q_sample(x0, noise, t, table, impl="reference")
-    model_output = _images((3, 6, 4, 4), torch.float32, seed=2, scale=0.5).clamp(-1, 1)
+    model_output = random_images((3, 6, 4, 4), torch.float32, seed=2, scale=0.5).clamp(-1, 1)
     values = torch.tensor([-200.0, -95.0, -90.0, -88.0, 95.0, 200.0])
     model_output[:, 3].view(3, -1)[:, : values.numel()] = values
     w = torch.ones(3, dtype=torch.float64)
@@ -289,7 +284,7 @@ def test_hybrid_loss_extreme_log_variances():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_q_sample_non_finite_inputs(dtype):
-    x0 = _poison(_images((4, 3, 9, 7), dtype, seed=0), seed=40)
-    noise = _poison(_images((4, 3, 9, 7), dtype, seed=1), seed=41)
+    x0 = _poison(random_images((4, 3, 9, 7), dtype, seed=0), seed=40)
+    noise = _poison(random_images((4, 3, 9, 7), dtype, seed=1), seed=41)
     fused, ref = _both(ops.q_sample, x0, noise, timesteps(4), make_table())
     _same(fused, ref, dtype)

@@ -9,18 +9,13 @@ import torch
 
 import diffcore
 from diffcore import ops, reference
-from diffcore.reference import formulas as F
+from diffcore.reference import formulas
 from diffcore.reference.philox import philox4x32_10, philox_normal
 
-from op_cases import DTYPES, T_STEPS, layout, make_table, timesteps, tolerance
+from op_cases import DTYPES, T_STEPS, layout, loss_inputs, make_table, random_images, timesteps, tolerance
 
 needs_fused = pytest.mark.skipif(not ops.fused_available("cpu"), reason="diffcore._C is not built")
 LAYOUTS = ["contiguous", "channels_last", "strided"]
-
-
-def _images(shape, dtype, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
 
 
 def _both(fn, *args, **kwargs):
@@ -39,8 +34,8 @@ def _close(a, b, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_q_sample_matches_reference(dtype, kind):
-    x0 = layout(_images((5, 3, 7, 9), dtype), kind)
-    noise = layout(_images((5, 3, 7, 9), dtype, seed=1), kind)
+    x0 = layout(random_images((5, 3, 7, 9), dtype), kind)
+    noise = layout(random_images((5, 3, 7, 9), dtype, seed=1), kind)
     t, table = timesteps(5), make_table()
     fused, ref = _both(ops.q_sample, x0, noise, t, table)
     assert fused.dtype == dtype and fused.shape == x0.shape
@@ -52,8 +47,8 @@ def test_q_sample_matches_reference(dtype, kind):
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
 def test_ddim_step_matches_reference(dtype, kind, prediction_type):
-    x = layout(_images((6, 3, 5, 7), dtype), kind)
-    model_output = layout(_images((6, 3, 5, 7), dtype, seed=2), kind)
+    x = layout(random_images((6, 3, 5, 7), dtype), kind)
+    model_output = layout(random_images((6, 3, 5, 7), dtype, seed=2), kind)
     t, table = timesteps(6), make_table()
     t_prev = t - 7  # crosses the final step (t_prev < 0) for small t
     for eta, clip in [(0.0, False), (0.5, True), (1.0, False)]:
@@ -69,8 +64,8 @@ def test_ddim_step_matches_reference(dtype, kind, prediction_type):
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned_range", "learned"])
 def test_ddpm_step_matches_reference(dtype, kind, variance_type):
     channels = 6 if variance_type.startswith("learned") else 3
-    x = layout(_images((5, 3, 4, 6), dtype), kind)
-    model_output = layout(_images((5, channels, 4, 6), dtype, seed=3, scale=0.5), kind)
+    x = layout(random_images((5, 3, 4, 6), dtype), kind)
+    model_output = layout(random_images((5, channels, 4, 6), dtype, seed=3, scale=0.5), kind)
     t, table = timesteps(5), make_table()
     for prediction_type, clip in [("eps", False), ("x0", True), ("v", False)]:
         (xf, x0f), (xr, x0r) = _both(ops.ddpm_step, x, model_output, t, table, prediction_type=prediction_type,
@@ -79,26 +74,12 @@ def test_ddpm_step_matches_reference(dtype, kind, variance_type):
         _close(x0f, x0r, dtype)
 
 
-def _loss_inputs(dtype, kind="contiguous", batch=6, shape=(3, 5, 4), variance_type="learned_range", seed=0):
-    table = make_table()
-    t = timesteps(batch, seed=seed)
-    x0 = _images((batch, *shape), torch.float64, seed=seed).clamp(-1, 1)
-    noise = _images((batch, *shape), torch.float64, seed=seed + 1)
-    x_t = reference.q_sample(x0, noise, t, table)
-    model_output = _images((batch, 2 * shape[0], *shape[1:]), torch.float64, seed=seed + 2, scale=0.5)
-    if variance_type == "learned_range":
-        model_output[:, shape[0]:] = model_output[:, shape[0]:].clamp(-1, 1)
-    else:  # a plausible log variance
-        model_output[:, shape[0]:] = model_output[:, shape[0]:] - 4.0
-    return [layout(v.to(dtype), kind) for v in (model_output, x0, x_t, noise)] + [t, table]
-
-
 @needs_fused
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("variance_type", ["learned_range", "learned"])
 def test_hybrid_loss_matches_reference(dtype, kind, variance_type):
-    args = _loss_inputs(dtype, kind, variance_type=variance_type)
+    args = loss_inputs(dtype, kind, variance_type=variance_type)
     for prediction_type in ["eps", "x0", "v"]:
         (mse_f, vb_f), (mse_r, vb_r) = _both(ops.hybrid_loss, *args, prediction_type=prediction_type,
                                              variance_type=variance_type)
@@ -113,7 +94,7 @@ def test_hybrid_loss_matches_reference(dtype, kind, variance_type):
 @pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("variance_type", ["learned_range", "learned"])
 def test_hybrid_loss_backward_matches_reference(dtype, kind, variance_type):
-    model_output, *rest = _loss_inputs(dtype, kind, variance_type=variance_type)
+    model_output, *rest = loss_inputs(dtype, kind, variance_type=variance_type)
     w = torch.linspace(0.5, 2.0, model_output.shape[0], dtype=torch.float64)
     grads = {}
     for impl in ["fused", "reference"]:
@@ -129,7 +110,7 @@ def test_hybrid_loss_backward_matches_reference(dtype, kind, variance_type):
 @pytest.mark.parametrize("batch", [0, 1])
 def test_small_batches(batch):
     table = make_table()
-    x = _images((batch, 2, 3, 3), torch.float32)
+    x = random_images((batch, 2, 3, 3), torch.float32)
     t = timesteps(batch)
     assert ops.q_sample(x, x, t, table, impl="fused").shape == x.shape
     for fn_args in [(ops.ddim_step, (x, x, t, t - 1, table, 1.0)), (ops.ddpm_step, (x, x, t, table))]:
@@ -137,7 +118,7 @@ def test_small_batches(batch):
         (xf, x0f), (xr, x0r) = _both(fn, *args, seed=1)
         torch.testing.assert_close(xf, xr)
         torch.testing.assert_close(x0f, x0r)
-    args = _loss_inputs(torch.float32, batch=batch)
+    args = loss_inputs(torch.float32, batch=batch)
     (mse_f, vb_f), (mse_r, vb_r) = _both(ops.hybrid_loss, *args)
     torch.testing.assert_close(mse_f, mse_r)
     torch.testing.assert_close(vb_f, vb_r)
@@ -147,8 +128,8 @@ def test_small_batches(batch):
 def test_trailing_shapes_and_odd_sizes():
     table = make_table()
     for shape in [(3, 1), (4, 13), (2, 3, 5, 7, 2), (3, 1, 1, 1)]:
-        x = _images(shape, torch.float32)
-        n = _images(shape, torch.float32, seed=1)
+        x = random_images(shape, torch.float32)
+        n = random_images(shape, torch.float32, seed=1)
         t = timesteps(shape[0])
         torch.testing.assert_close(*_both(ops.q_sample, x, n, t, table))
         (a, _), (b, _) = _both(ops.ddim_step, x, n, t, t - 1, table, 0.3, seed=2)
@@ -162,17 +143,17 @@ def test_trailing_shapes_and_odd_sizes():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_at_most_twice_plain_torch(dtype):
     """flash-attention's rule: error vs fp64 at most ~2x that of the same computation in plain low-precision torch."""
-    x = _images((8, 3, 16, 16), torch.float64)
-    eps = _images((8, 3, 16, 16), torch.float64, seed=1)
+    x = random_images((8, 3, 16, 16), torch.float64)
+    eps = random_images((8, 3, 16, 16), torch.float64, seed=1)
     t, table = timesteps(8), make_table()
     t_prev = (t - 5).clamp(min=-1)
     exact, _ = reference.ddim_step(x, eps, t, t_prev, table, 0.0)
     fused, _ = ops.ddim_step(x.to(dtype), eps.to(dtype), t, t_prev, table, 0.0, impl="fused")
     # the same formula evaluated by plain torch entirely in low precision
-    abar = F.per_sample(table[t], x).to(dtype)
-    abar_s = F.per_sample(torch.where(t_prev >= 0, table[t_prev.clamp(min=0)], torch.ones_like(table[t])), x).to(dtype)
+    abar = formulas.per_sample(table[t], x).to(dtype)
+    abar_s = formulas.per_sample(torch.where(t_prev >= 0, table[t_prev.clamp(min=0)], torch.ones_like(table[t])), x).to(dtype)
     xl, el = x.to(dtype), eps.to(dtype)
-    x0_plain = F.x0_from_eps(xl, el, abar)
+    x0_plain = formulas.x0_from_eps(xl, el, abar)
     plain = abar_s.sqrt() * x0_plain + (1 - abar_s).sqrt() * el
     # plain fp16 overflows at 1/abar for t = T-1 (abar ~ 4e-6); the fused kernel (fp32 inside) does not
     assert torch.isfinite(fused).all()
@@ -182,10 +163,10 @@ def test_low_precision_error_at_most_twice_plain_torch(dtype):
     err_plain = (plain.double() - exact)[finite].abs().max().item()
     assert err_fused <= 2.0 * err_plain + 1e-6, (err_fused, err_plain)
 
-    x0 = _images((8, 3, 16, 16), torch.float64).clamp(-1, 1)
+    x0 = random_images((8, 3, 16, 16), torch.float64).clamp(-1, 1)
     exact_q = reference.q_sample(x0, eps, t, table)
     fused_q = ops.q_sample(x0.to(dtype), eps.to(dtype), t, table, impl="fused")
-    plain_q = F.q_sample(x0.to(dtype), eps.to(dtype), F.per_sample(table[t], x0).to(dtype))
+    plain_q = formulas.q_sample(x0.to(dtype), eps.to(dtype), formulas.per_sample(table[t], x0).to(dtype))
     assert (fused_q.double() - exact_q).abs().max() <= 2.0 * (plain_q.double() - exact_q).abs().max() + 1e-6
 
 
@@ -208,9 +189,9 @@ def test_q_sample_mean_and_variance():
 def test_ddim_eta_one_on_consecutive_steps_is_ddpm_fixed_small():
     """With eta = 1 and t_prev = t - 1, sigma^2 equals beta~_t, so DDIM is the DDPM step with fixed_small."""
     table = make_table()
-    x = _images((6, 2, 4, 4), torch.float64)
-    eps = _images((6, 2, 4, 4), torch.float64, seed=1)
-    z = _images((6, 2, 4, 4), torch.float64, seed=2)
+    x = random_images((6, 2, 4, 4), torch.float64)
+    eps = random_images((6, 2, 4, 4), torch.float64, seed=1)
+    z = random_images((6, 2, 4, 4), torch.float64, seed=2)
     t = torch.tensor([1, 2, 5, 17, 30, T_STEPS - 1])
     ddim, ddim_x0 = ops.ddim_step(x, eps, t, t - 1, table, 1.0, noise=z)
     ddpm, ddpm_x0 = ops.ddpm_step(x, eps, t, table, variance_type="fixed_small", noise=z)
@@ -221,8 +202,8 @@ def test_ddim_eta_one_on_consecutive_steps_is_ddpm_fixed_small():
 def test_ddim_inversion_step_inverts_the_deterministic_step():
     """A reverse step t -> t_next followed by the forward step t_next -> t with the same eps returns x."""
     table = make_table()
-    x = _images((4, 3, 4, 4), torch.float64)
-    eps = _images((4, 3, 4, 4), torch.float64, seed=1)
+    x = random_images((4, 3, 4, 4), torch.float64)
+    eps = random_images((4, 3, 4, 4), torch.float64, seed=1)
     t = torch.tensor([0, 3, 10, 20])
     t_next = t + 5
     x_next, _ = ops.ddim_step(x, eps, t, t_next, table, eta=0.9)  # sigma is 0 in the reverse direction
@@ -253,10 +234,10 @@ def test_kl_of_equal_gaussians_is_zero_in_hybrid_loss():
     """A model that predicts the true noise and the posterior log variance has vb = 0 at every t > 0."""
     table = make_table()
     t = torch.tensor([1, 5, 20, T_STEPS - 1])
-    x0 = _images((4, 2, 3, 3), torch.float64).clamp(-1, 1)
-    noise = _images((4, 2, 3, 3), torch.float64, seed=1)
+    x0 = random_images((4, 2, 3, 3), torch.float64).clamp(-1, 1)
+    noise = random_images((4, 2, 3, 3), torch.float64, seed=1)
     x_t = ops.q_sample(x0, noise, t, table)
-    log_var = F.per_sample(F.gather_tables(table, t).log_posterior_variance, x0).expand_as(x0)
+    log_var = formulas.per_sample(formulas.gather_tables(table, t).log_posterior_variance, x0).expand_as(x0)
     mse, vb = ops.hybrid_loss(torch.cat([noise, log_var], 1), x0, x_t, noise, t, table, variance_type="learned")
     torch.testing.assert_close(mse, torch.zeros_like(mse), atol=1e-20, rtol=0)
     torch.testing.assert_close(vb, torch.zeros_like(vb), atol=1e-12, rtol=0)
@@ -285,10 +266,10 @@ def test_vb_matches_monte_carlo_kl():
     x_t = ops.q_sample(x0, noise, t, table)
     eps_hat, v = torch.tensor([[0.1]], dtype=torch.float64), torch.tensor([[0.4]], dtype=torch.float64)
     _, vb = ops.hybrid_loss(torch.cat([eps_hat, v], 1), x0, x_t, noise, t, table)
-    tab = F.gather_tables(table, t)
+    tab = formulas.gather_tables(table, t)
     q_mean = (tab.posterior_mean_coef1 * x0 + tab.posterior_mean_coef2 * x_t).item()
     q_std = math.exp(0.5 * tab.log_posterior_variance.item())
-    x0_hat = F.x0_from_eps(x_t, eps_hat, tab.abar).item()
+    x0_hat = formulas.x0_from_eps(x_t, eps_hat, tab.abar).item()
     p_mean = (tab.posterior_mean_coef1 * x0_hat + tab.posterior_mean_coef2 * x_t).item()
     frac = (v.item() + 1) / 2
     p_std = math.exp(0.5 * (frac * math.log(tab.beta.item()) + (1 - frac) * tab.log_posterior_variance.item()))
@@ -313,7 +294,7 @@ def test_hybrid_loss_gradcheck(variance_type, prediction_type):
     vb's gradient in the prediction channels is zero by design (stop-gradient on the mean) although its value
     depends on them, so finite differences cannot check it; it is asserted to be exactly zero instead.
     """
-    model_output, *rest = _loss_inputs(torch.float64, batch=4, shape=(2, 3, 2), variance_type=variance_type)
+    model_output, *rest = loss_inputs(torch.float64, batch=4, shape=(2, 3, 2), variance_type=variance_type)
     channels = model_output.shape[1] // 2
     pred, var = model_output[:, :channels].clone(), model_output[:, channels:].clone()
     loss = lambda mo: ops.hybrid_loss(mo, *rest, prediction_type=prediction_type, variance_type=variance_type,
@@ -330,8 +311,8 @@ def test_hybrid_loss_gradcheck(variance_type, prediction_type):
 @needs_fused
 def test_opcheck_every_op():
     table = make_table()
-    x = _images((3, 2, 4, 4), torch.float32)
-    mo = _images((3, 4, 4, 4), torch.float32, scale=0.5).clamp(-1, 1)
+    x = random_images((3, 2, 4, 4), torch.float32)
+    mo = random_images((3, 4, 4, 4), torch.float32, scale=0.5).clamp(-1, 1)
     t = timesteps(3)
     g = torch.ones(3)
     cases = [
@@ -351,8 +332,8 @@ def test_opcheck_every_op():
 @needs_fused
 def test_torch_compile_fullgraph():
     table = make_table()
-    x = _images((4, 3, 8, 8), torch.float32)
-    eps = _images((4, 3, 8, 8), torch.float32, seed=1)
+    x = random_images((4, 3, 8, 8), torch.float32)
+    eps = random_images((4, 3, 8, 8), torch.float32, seed=1)
     t = timesteps(4)
 
     @torch.compile(fullgraph=True, backend="inductor")
@@ -407,7 +388,7 @@ def test_in_kernel_noise_is_reproducible_and_matches_reference():
     assert not torch.allclose(a, run(5, 1)) and not torch.allclose(a, run(6, 0))
     torch.testing.assert_close(a, run(5, 0, "reference"), rtol=0, atol=1e-6)
     # the noise is N(0, sigma^2) with sigma^2 the clipped posterior variance at T-1
-    sigma = math.exp(0.5 * F.gather_tables(table, t[:1]).log_posterior_variance.item())
+    sigma = math.exp(0.5 * formulas.gather_tables(table, t[:1]).log_posterior_variance.item())
     z = (run(5, 0) / sigma).flatten()
     assert abs(z.mean()) < 0.15 and abs(z.std() - 1) < 0.1
 
@@ -505,8 +486,8 @@ def test_argument_errors_name_the_argument(impl):
 
 def test_any_negative_t_prev_is_the_last_step():
     table = make_table()
-    x = _images((3, 2, 4), torch.float64)
-    eps = _images((3, 2, 4), torch.float64, seed=1)
+    x = random_images((3, 2, 4), torch.float64)
+    eps = random_images((3, 2, 4), torch.float64, seed=1)
     t = torch.tensor([0, 5, 39])
     expected = ops.ddim_step(x, eps, t, torch.full((3,), -1), table)
     for low in [-2, -(2**62) - 1, -(2**63)]:
@@ -534,8 +515,8 @@ def test_out_of_range_timesteps_raise_on_cpu_whatever_check_values(impl, bad):
 def test_reference_clamps_unchecked_timesteps_like_the_cuda_kernels():
     """Timesteps that reach the reference unchecked are clamped into [0, T) (never wrapped: -1 is not T-1)."""
     table = make_table()
-    x = _images((2, 3, 4), torch.float64)
-    n = _images((2, 3, 4), torch.float64, seed=1)
+    x = random_images((2, 3, 4), torch.float64)
+    n = random_images((2, 3, 4), torch.float64, seed=1)
     clamped = reference.q_sample(x, n, torch.tensor([0, T_STEPS - 1]), table)
     torch.testing.assert_close(reference.q_sample(x, n, torch.tensor([-1, T_STEPS + 5]), table), clamped)
     t_prev_clamped = reference.ddim_step(x, n, torch.tensor([3, 3]), torch.tensor([-5, T_STEPS - 1]), table)

@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from diffcore import ops, reference
-from diffcore.reference import formulas as F
-from op_cases import DTYPES, T_STEPS, layout, make_table, timesteps, tolerance
-from test_ops import _images, _loss_inputs
+from diffcore.reference import formulas
+from op_cases import DTYPES, T_STEPS, layout, loss_inputs, make_table, random_images, timesteps, tolerance
 
 HAS_CUDA = torch.cuda.is_available() and ops.fused_available("cuda")
 pytestmark = [pytest.mark.cuda,
@@ -64,7 +63,7 @@ def _all_close(results, dtype, **tol):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_q_sample(dtype, kind):
-    args = [_images((5, 3, 7, 9), dtype), _images((5, 3, 7, 9), dtype, seed=1), timesteps(5), make_table()]
+    args = [random_images((5, 3, 7, 9), dtype), random_images((5, 3, 7, 9), dtype, seed=1), timesteps(5), make_table()]
     _all_close(_three(ops.q_sample, args, kind), dtype)
 
 
@@ -73,8 +72,8 @@ def test_q_sample(dtype, kind):
 @pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
 def test_ddim_step(dtype, kind, prediction_type):
     t = timesteps(6)
-    args = [_images((6, 3, 5, 7), dtype), _images((6, 3, 5, 7), dtype, seed=2), t, t - 7, make_table()]
-    z = _images((6, 3, 5, 7), dtype, seed=4)
+    args = [random_images((6, 3, 5, 7), dtype), random_images((6, 3, 5, 7), dtype, seed=2), t, t - 7, make_table()]
+    z = random_images((6, 3, 5, 7), dtype, seed=4)
     for eta, clip, noise in [(0.0, False, None), (0.5, True, None), (1.0, False, None), (1.0, False, z)]:
         seeds = {} if noise is not None else {"seed": 11, "offset": 3}
         results = _three(ops.ddim_step, args + [eta], kind, noise=noise, prediction_type=prediction_type,
@@ -90,9 +89,9 @@ def test_ddim_step(dtype, kind, prediction_type):
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned_range", "learned"])
 def test_ddpm_step(dtype, kind, variance_type):
     channels = 6 if variance_type.startswith("learned") else 3
-    args = [_images((5, 3, 4, 6), dtype), _images((5, channels, 4, 6), dtype, seed=3, scale=0.5), timesteps(5),
+    args = [random_images((5, 3, 4, 6), dtype), random_images((5, channels, 4, 6), dtype, seed=3, scale=0.5), timesteps(5),
             make_table()]
-    z = _images((5, 3, 4, 6), dtype, seed=4)
+    z = random_images((5, 3, 4, 6), dtype, seed=4)
     for prediction_type, clip, noise in [("eps", False, None), ("x0", True, None), ("v", False, z)]:
         seeds = {} if noise is not None else {"seed": 5, "offset": 1}
         results = _three(ops.ddpm_step, args, kind, noise=noise, prediction_type=prediction_type,
@@ -123,7 +122,7 @@ def test_hybrid_loss_forward_and_backward(dtype, kind, variance_type):
     is at most twice that of the fused CPU kernel or of the same-dtype reference, plus a few ulps. (A fixed
     tolerance does not fit: with x0-prediction at t = 0 the decoder term's gradient is ill-conditioned and the
     closed-form and autograd gradients differ by ~4e-5 relative in float32, ~5e-10 in float64.)"""
-    args = _loss_inputs(dtype, "contiguous", variance_type=variance_type)
+    args = loss_inputs(dtype, "contiguous", variance_type=variance_type)
     exact_args = [a.double() if a.is_floating_point() and a.dim() >= 2 else a for a in args]
     for prediction_type in ["eps", "x0", "v"]:
         fused, ref, cpu = _loss_results(args, kind, prediction_type, variance_type)
@@ -141,14 +140,14 @@ def test_several_tiles_per_sample_and_misaligned_rows(dtype):
     """Rows longer than one tile (4096 float / 8192 half elements): the hybrid loss takes the two-stage reduction;
     a view one element past an aligned address takes the scalar path."""
     for shape in [(3, 3, 48, 48), (2, 3, 64, 65)]:
-        args = _loss_inputs(dtype, batch=shape[0], shape=shape[1:])
+        args = loss_inputs(dtype, batch=shape[0], shape=shape[1:])
         fused, _, cpu = _loss_results(args, "contiguous", "eps", "learned_range")
         rtol = 1e-10 if dtype == torch.float64 else 1e-5
         torch.testing.assert_close(fused[0].cpu(), cpu[0], rtol=rtol, atol=rtol)
         torch.testing.assert_close(fused[1].cpu(), cpu[1], rtol=rtol, atol=rtol)
         _close(fused[2], cpu[2], dtype)
-    x = _images((4, 3, 16, 16), dtype)
-    eps = _images((4, 3, 16, 16), dtype, seed=1)
+    x = random_images((4, 3, 16, 16), dtype)
+    eps = random_images((4, 3, 16, 16), dtype, seed=1)
     t, table = timesteps(4), make_table()
     shifted = lambda v: torch.cat([v.flatten()[:1], v.flatten()])[1:].view(v.shape)  # storage offset 1
     for device in (DEV, "cpu"):
@@ -160,7 +159,7 @@ def test_several_tiles_per_sample_and_misaligned_rows(dtype):
 
 
 def test_hybrid_loss_reduction_is_deterministic():
-    args = [_on(a, DEV) for a in _loss_inputs(torch.float32, batch=3, shape=(3, 64, 64))]
+    args = [_on(a, DEV) for a in loss_inputs(torch.float32, batch=3, shape=(3, 64, 64))]
     first = ops.hybrid_loss(*args)
     for _ in range(3):
         again = ops.hybrid_loss(*args)
@@ -169,19 +168,19 @@ def test_hybrid_loss_reduction_is_deterministic():
 
 @pytest.mark.parametrize("batch", [0, 1])
 def test_small_batches(batch):
-    x = _images((batch, 2, 3, 3), torch.float32)
+    x = random_images((batch, 2, 3, 3), torch.float32)
     t, table = timesteps(batch), make_table()
     _all_close(_three(ops.q_sample, [x, x, t, table]), torch.float32)
     _all_close(_three(ops.ddim_step, [x, x, t, t - 1, table, 1.0], seed=1), torch.float32)
     _all_close(_three(ops.ddpm_step, [x, x, t, table], seed=1), torch.float32)
-    args = _loss_inputs(torch.float32, batch=batch)
+    args = loss_inputs(torch.float32, batch=batch)
     _all_close(_three(ops.hybrid_loss, args), torch.float32, rtol=1e-5, atol=1e-5)
 
 
 def test_trailing_shapes_and_odd_sizes():
     table = make_table()
     for shape in [(3, 1), (4, 13), (2, 3, 5, 7, 2), (3, 1, 1, 1), (2, 4099)]:
-        x, n, t = _images(shape, torch.float32), _images(shape, torch.float32, seed=1), timesteps(shape[0])
+        x, n, t = random_images(shape, torch.float32), random_images(shape, torch.float32, seed=1), timesteps(shape[0])
         _all_close(_three(ops.q_sample, [x, n, t, table]), torch.float32)
         _all_close(_three(ops.ddim_step, [x, n, t, t - 1, table, 0.3], seed=2), torch.float32)
 
@@ -208,19 +207,19 @@ def test_in_kernel_noise_equals_the_cpu_noise(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_at_most_twice_plain_torch(dtype):
     """flash-attention's rule on the GPU: error vs fp64 at most ~2x that of the formula in plain low precision."""
-    x, eps = _images((8, 3, 16, 16), torch.float64).to(DEV), _images((8, 3, 16, 16), torch.float64, seed=1).to(DEV)
+    x, eps = random_images((8, 3, 16, 16), torch.float64).to(DEV), random_images((8, 3, 16, 16), torch.float64, seed=1).to(DEV)
     t, table = timesteps(8, device=DEV), make_table(device=DEV)
     exact = reference.q_sample(x.clamp(-1, 1), eps, t, table)
     fused = ops.q_sample(x.clamp(-1, 1).to(dtype), eps.to(dtype), t, table, impl="fused")
-    plain = F.q_sample(x.clamp(-1, 1).to(dtype), eps.to(dtype), F.per_sample(table[t], x).to(dtype))
+    plain = formulas.q_sample(x.clamp(-1, 1).to(dtype), eps.to(dtype), formulas.per_sample(table[t], x).to(dtype))
     assert (fused.double() - exact).abs().max() <= 2.0 * (plain.double() - exact).abs().max() + 1e-6
     t_prev = (t - 5).clamp(min=-1)
     exact_x, _ = reference.ddim_step(x, eps, t, t_prev, table, 0.0)
     fused_x, _ = ops.ddim_step(x.to(dtype), eps.to(dtype), t, t_prev, table, 0.0, impl="fused")
-    abar = F.per_sample(table[t], x).to(dtype)
-    abar_s = F.per_sample(torch.where(t_prev >= 0, table[t_prev.clamp(min=0)], torch.ones_like(table[t])), x)
+    abar = formulas.per_sample(table[t], x).to(dtype)
+    abar_s = formulas.per_sample(torch.where(t_prev >= 0, table[t_prev.clamp(min=0)], torch.ones_like(table[t])), x)
     abar_s = abar_s.to(dtype)
-    plain_x = abar_s.sqrt() * F.x0_from_eps(x.to(dtype), eps.to(dtype), abar) + (1 - abar_s).sqrt() * eps.to(dtype)
+    plain_x = abar_s.sqrt() * formulas.x0_from_eps(x.to(dtype), eps.to(dtype), abar) + (1 - abar_s).sqrt() * eps.to(dtype)
     finite = torch.isfinite(plain_x)
     assert torch.isfinite(fused_x).all() and finite.float().mean() > 0.5
     err_fused = (fused_x.double() - exact_x)[finite].abs().max().item()
@@ -233,9 +232,9 @@ def test_low_precision_error_at_most_twice_plain_torch(dtype):
 
 def test_opcheck_every_op():
     table = make_table(device=DEV)
-    x = _images((3, 2, 4, 4), torch.float32).to(DEV)
-    mo = _images((3, 4, 4, 4), torch.float32, scale=0.5).clamp(-1, 1).to(DEV)
-    big = _images((2, 2, 64, 64), torch.float32).to(DEV)  # two tiles per sample
+    x = random_images((3, 2, 4, 4), torch.float32).to(DEV)
+    mo = random_images((3, 4, 4, 4), torch.float32, scale=0.5).clamp(-1, 1).to(DEV)
+    big = random_images((2, 2, 64, 64), torch.float32).to(DEV)  # two tiles per sample
     big_mo = torch.cat([big, big.clamp(-1, 1)], 1)
     t, g = timesteps(3, device=DEV), torch.ones(3, device=DEV)
     cases = [
@@ -255,7 +254,7 @@ def test_opcheck_every_op():
 
 def test_torch_compile_fullgraph():
     table, t = make_table(device=DEV), timesteps(4, device=DEV)
-    x, eps = _images((4, 3, 8, 8), torch.float32).to(DEV), _images((4, 3, 8, 8), torch.float32, seed=1).to(DEV)
+    x, eps = random_images((4, 3, 8, 8), torch.float32).to(DEV), random_images((4, 3, 8, 8), torch.float32, seed=1).to(DEV)
 
     def two_steps(x, eps):
         x1, _ = ops.ddim_step(x, eps, t, t - 1, table, 1.0, seed=3, impl="fused", check_values=False)
@@ -285,17 +284,17 @@ def _capture(fn):
 def test_cuda_graph_replay_equals_eager():
     table, t = make_table(device=DEV), timesteps(8, device=DEV)
     t_prev = (t - 5).clamp(min=-1)
-    x = _images((8, 3, 32, 32), torch.float32).to(DEV)
-    eps = _images((8, 3, 32, 32), torch.float32, seed=1).to(DEV)
+    x = random_images((8, 3, 32, 32), torch.float32).to(DEV)
+    eps = random_images((8, 3, 32, 32), torch.float32, seed=1).to(DEV)
     step = lambda: ops.ddim_step(x, eps, t, t_prev, table, 1.0, seed=5, offset=3, impl="fused", check_values=False)
     graph, (x_prev, pred_x0) = _capture(step)
     for seed in (2, 3):  # new values in the static inputs, then replay
-        x.copy_(_images((8, 3, 32, 32), torch.float32, seed=seed).to(DEV))
+        x.copy_(random_images((8, 3, 32, 32), torch.float32, seed=seed).to(DEV))
         graph.replay()
         expected = step()
         assert torch.equal(x_prev, expected[0]) and torch.equal(pred_x0, expected[1])
     # the hybrid loss with its workspace (several tiles per sample) inside a graph
-    args = [_on(a, DEV) for a in _loss_inputs(torch.float32, batch=3, shape=(3, 64, 64))]
+    args = [_on(a, DEV) for a in loss_inputs(torch.float32, batch=3, shape=(3, 64, 64))]
     loss = lambda: ops.hybrid_loss(*args, impl="fused", check_values=False)
     graph, (mse, vb) = _capture(loss)
     graph.replay()
@@ -304,7 +303,7 @@ def test_cuda_graph_replay_equals_eager():
 
 
 def test_hybrid_loss_gradcheck():
-    model_output, *rest = [_on(a, DEV) for a in _loss_inputs(torch.float64, batch=3, shape=(2, 3, 2))]
+    model_output, *rest = [_on(a, DEV) for a in loss_inputs(torch.float64, batch=3, shape=(2, 3, 2))]
     channels = model_output.shape[1] // 2
     pred, var = model_output[:, :channels].clone(), model_output[:, channels:].clone()
     loss = lambda mo: ops.hybrid_loss(mo, *rest, impl="fused")
@@ -328,7 +327,7 @@ def test_mixed_devices_give_clear_errors():
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_runs_on_the_inputs_device_whatever_the_current_device():
-    args = [_images((4, 3, 8, 8), torch.float32), _images((4, 3, 8, 8), torch.float32, seed=1), timesteps(4),
+    args = [random_images((4, 3, 8, 8), torch.float32), random_images((4, 3, 8, 8), torch.float32, seed=1), timesteps(4),
             make_table()]
     on0 = ops.ddpm_step(*[_on(a, "cuda:0") for a in args[:2]], args[2].cuda(0), args[3].cuda(0), seed=3)
     with torch.cuda.device(0):

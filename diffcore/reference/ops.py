@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ..types import PredictionType, VarianceType
-from . import formulas as F
+from . import formulas
 from .philox import philox_normal_like
 
 
@@ -27,7 +27,7 @@ def in_range(t: torch.Tensor, num_timesteps: int, allow_negative: bool = False) 
 
 
 def _coef(values: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return F.per_sample(values, like).to(dtype)
+    return formulas.per_sample(values, like).to(dtype)
 
 
 def _noise(x, noise, seed, offset, dtype):
@@ -125,7 +125,7 @@ def ddpm_step(
     dt = compute_dtype(x)
     variance_type = VarianceType(variance_type)
     t = in_range(t, alphas_cumprod.numel())
-    tables = F.gather_tables(alphas_cumprod, t)
+    tables = formulas.gather_tables(alphas_cumprod, t)
     prediction, var_output = _split_model_output(model_output, x.shape[1] if x.dim() > 1 else 0, variance_type)
     x0, _ = _predict(x, prediction, tables.abar, PredictionType(prediction_type), clip_denoised, dt)
     mean = _coef(tables.posterior_mean_coef1, x, dt) * x0 + _coef(tables.posterior_mean_coef2, x, dt) * x.to(dt)
@@ -171,11 +171,11 @@ def hybrid_loss(
     variance_type = VarianceType(variance_type)
     prediction_type = PredictionType(prediction_type)
     t = in_range(t, alphas_cumprod.numel())
-    tables = F.gather_tables(alphas_cumprod, t)
+    tables = formulas.gather_tables(alphas_cumprod, t)
     channels = x0.shape[1]
     prediction, var_output = model_output[:, :channels].to(dt), model_output[:, channels:].to(dt)
     x0c, x_tc, noisec = x0.to(dt), x_t.to(dt), noise.to(dt)
-    target = F.training_target(x0c, noisec, _coef(tables.abar, x0, dt), prediction_type)
+    target = formulas.training_target(x0c, noisec, _coef(tables.abar, x0, dt), prediction_type)
     reduce_dims = tuple(range(1, x0.dim()))
     mse = ((prediction - target) ** 2).mean(dim=reduce_dims)
 
@@ -184,8 +184,8 @@ def hybrid_loss(
     true_mean, model_mean = c1 * x0c + c2 * x_tc, c1 * x0_hat + c2 * x_tc
     true_log_var = _coef(tables.log_posterior_variance, x0, dt)
     model_log_var = _log_variance(variance_type, tables, var_output, x0, dt)
-    kl = F.normal_kl(true_mean, true_log_var, model_mean, model_log_var) / F.LOG2
-    nll = -F.discretized_gaussian_log_likelihood(x0c, model_mean, 0.5 * model_log_var) / F.LOG2
+    kl = formulas.normal_kl(true_mean, true_log_var, model_mean, model_log_var) / formulas.LOG2
+    nll = -formulas.discretized_gaussian_log_likelihood(x0c, model_mean, 0.5 * model_log_var) / formulas.LOG2
     at_zero = _coef((t == 0).double(), x0, dt).bool()
     vb = torch.where(at_zero, nll, kl).mean(dim=reduce_dims)
     return mse, vb
