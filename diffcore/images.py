@@ -4,7 +4,7 @@ Pixels: diffcore's models see float images in [-1, 1]; files hold 8-bit pixels 0
 :func:`to_uint8` are the one pair of conversions (``x / 127.5 - 1`` and ``round((x + 1) * 127.5)`` after clamping).
 
 Reading: :func:`load_image` (one image file or ``.npy`` as a model input), :func:`read_images` (files, folders and
-arrays as one batch), :func:`load_image_folder`, :func:`list_images`, :func:`load_array` (``.npy``/``.npz``),
+arrays as one batch), :func:`open_picture`, :func:`list_images`, :func:`load_array` (``.npy``/``.npz``),
 :func:`center_crop_resize`. Writing, always atomically (a temporary file beside the target, then ``os.replace``):
 :func:`save_image_grid` (one PNG), :func:`save_npz`; :func:`grid_png` and :func:`npz_bytes` give the bytes, for
 commands that write several files together (:func:`diffcore.outputs.write_together`).
@@ -24,7 +24,7 @@ import torch
 
 from .outputs import write_together
 
-__all__ = ["IMAGE_EXTENSIONS", "from_uint8", "to_uint8", "center_crop_resize", "open_picture", "list_images", "load_image_folder",
+__all__ = ["IMAGE_EXTENSIONS", "from_uint8", "to_uint8", "center_crop_resize", "open_picture", "list_images",
            "load_array", "load_image", "read_images", "require_finite", "encode_png", "grid_png", "save_image_grid", "npz_bytes",
            "save_npz"]
 
@@ -77,17 +77,19 @@ def center_crop_resize(image: "PIL.Image.Image", size: int) -> "PIL.Image.Image"
     return image.crop((left, top, left + size, top + size))
 
 
-def open_picture(path: "str | os.PathLike", channels: Literal[1, 3]) -> "PIL.Image.Image":  # noqa: F821
-    """Decode the image file ``path`` fully and convert it to ``channels`` (1: PIL's "L" luma, 3: "RGB"; alpha
-    dropped). An unreadable or corrupt file is a ValueError naming the path."""
+def open_picture(source: "str | os.PathLike | bytes", channels: Literal[1, 3],
+                 name: "str | None" = None) -> "PIL.Image.Image":  # noqa: F821
+    """Decode an image file (its path, or its bytes) fully and convert it to ``channels`` (1: PIL's "L", ITU-R
+    601-2 luma; 3: "RGB"; alpha dropped). An unreadable or corrupt file is a ValueError naming ``name`` (default:
+    the path)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as picture:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as picture:
             picture.load()
             return picture.convert("RGB" if channels == 3 else "L")
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise ValueError(f"image file {path} is unreadable: {error}") from error
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise ValueError(f"image file {name or source} is unreadable (corrupt or not an image): {error}") from None
 
 
 def list_images(root: "str | os.PathLike") -> list[Path]:
@@ -96,36 +98,6 @@ def list_images(root: "str | os.PathLike") -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def load_image_folder(root: "str | os.PathLike", size: int, channels: Literal[1, 3] = 3
-                      ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Load every PNG/JPEG/BMP/WebP image under ``root``, resized and centre-cropped to ``size x size``.
-
-    Images directly in ``root`` get label 0; images in sub-folders are labelled by the sorted index of their
-    first-level sub-folder name (the ImageFolder convention) when every image lies in a sub-folder.
-    Returns ``(images uint8 [N, channels, size, size], labels int64 [N], class_names)``.
-    """
-    if channels not in (1, 3):
-        raise ValueError(f"channels: expected 1 (grayscale) or 3 (RGB), got {channels!r}")
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"size: expected a positive int, got {size!r}")
-    root = Path(root)
-    paths = list_images(root)
-    if not paths:
-        raise ValueError(f"image folder {root} holds no image files (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    top = [p.relative_to(root).parts for p in paths]
-    if all(len(parts) > 1 for parts in top):
-        class_names = sorted({parts[0] for parts in top})
-        labels = [class_names.index(parts[0]) for parts in top]
-    else:
-        class_names, labels = [""], [0] * len(paths)
-    out = np.empty((len(paths), size, size, channels), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        arr = np.asarray(center_crop_resize(open_picture(path, channels), size))
-        out[i] = arr.reshape(size, size, channels)
-    return (torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels, dtype=torch.int64),
-            class_names)
 
 
 def load_array(path: "str | os.PathLike", key: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,6 +257,12 @@ def load_image(path: "str | os.PathLike", image_shape: Sequence[int], *, resize:
     return image.contiguous()[None]
 
 
+def _resized_pixels(picture: "PIL.Image.Image", size: int) -> torch.Tensor:  # noqa: F821
+    """uint8 ``[C, size, size]`` of a decoded picture, resized and centre-cropped."""
+    pixels = np.array(center_crop_resize(picture, size))
+    return torch.from_numpy(pixels.reshape(size, size, -1)).permute(2, 0, 1)
+
+
 def read_images(paths: Sequence["str | os.PathLike"], image_shape: Sequence[int]) -> torch.Tensor:
     """Read image files, image folders (recursively) and ``.npy``/``.npz`` arrays as one batch of model inputs:
     float32 ``[N, C, H, W]`` in [-1, 1], ``(C, H, W) = image_shape`` (square). Image files and folders are
@@ -294,7 +272,10 @@ def read_images(paths: Sequence["str | os.PathLike"], image_shape: Sequence[int]
     parts = []
     for path in map(Path, paths):
         if path.is_dir():
-            parts.append(load_image_folder(path, size, channels)[0])
+            files = list_images(path)
+            if not files:
+                raise ValueError(f"{path}: the folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            parts.extend(_resized_pixels(open_picture(file, channels), size)[None] for file in files)
         elif path.suffix in (".npy", ".npz"):
             arrays = load_array(path)[0]
             if tuple(arrays.shape[1:]) != (channels, size, size):
@@ -302,8 +283,7 @@ def read_images(paths: Sequence["str | os.PathLike"], image_shape: Sequence[int]
                                  f"{tuple(arrays.shape[1:])}")
             parts.append(arrays)
         elif path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-            image = center_crop_resize(open_picture(path, channels), size)
-            parts.append(torch.from_numpy(np.array(image).reshape(size, size, channels)).permute(2, 0, 1)[None])
+            parts.append(_resized_pixels(open_picture(path, channels), size)[None])
         else:
             raise FileNotFoundError(f"{path}: not an image file, image folder or .npy/.npz file")
     return from_uint8(torch.cat(parts))

@@ -119,7 +119,7 @@ def test_image_folder(tmp_path):
     Image.fromarray(flat).save(tmp_path / "a" / "flat.png")
     Image.fromarray(flat).save(tmp_path / "a" / "flat.jpg", quality=100)
     (tmp_path / "a" / "notes.txt").write_text("not an image")
-    images, labels, names = image_io.load_image_folder(tmp_path, 8, channels=3)
+    images, labels, names = data.load_image_folder(tmp_path, 8, channels=3)
     assert names == ["a", "b"] and labels.tolist() == [0, 0, 1]
     assert images.shape == (3, 3, 8, 8) and images.dtype == torch.uint8
     # flat image: resize keeps the colour exactly for PNG; JPEG within a few levels
@@ -129,21 +129,21 @@ def test_image_folder(tmp_path):
     wide_out = images[2]
     assert (wide_out[0, :, :2] == 255).all() and (wide_out[2, :, :2] == 0).all()
     assert (wide_out[2, :, -2:] == 255).all() and (wide_out[0, :, -2:] == 0).all()
-    gray, _, _ = image_io.load_image_folder(tmp_path / "a", 8, channels=1)
+    gray, _, _ = data.load_image_folder(tmp_path / "a", 8, channels=1)
     expected_l = round(10 * 299 / 1000 + 200 * 587 / 1000 + 30 * 114 / 1000)  # PIL's ITU-R 601-2 luma
     assert gray.shape == (2, 1, 8, 8) and abs(int(gray[1, 0, 0, 0]) - expected_l) <= 1
 
 
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="image folder not found"):
-        image_io.load_image_folder(tmp_path / "missing", 8)
+        data.load_image_folder(tmp_path / "missing", 8)
     with pytest.raises(ValueError, match="no image files"):
-        image_io.load_image_folder(tmp_path, 8)
+        data.load_image_folder(tmp_path, 8)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(ValueError, match="broken.png"):
-        image_io.load_image_folder(tmp_path, 8)
+        data.load_image_folder(tmp_path, 8)
     with pytest.raises(ValueError, match="channels"):
-        image_io.load_image_folder(tmp_path, 8, channels=2)
+        data.load_image_folder(tmp_path, 8, channels=2)
 
 
 def test_arrays(tmp_path):

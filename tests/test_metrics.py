@@ -364,7 +364,7 @@ def test_evaluate_on_real_images_ranks_real_above_collapsed_and_noise(fmnist_tes
 
 @needs_fmnist
 def test_training_is_deterministic_and_refuses_low_accuracy(tmp_path):
-    from diffcore.metrics import train_classifier
+    from reproduction import train_classifier
 
     args = ["--epochs", "1", "--train-limit", "256", "--test-limit", "200", "--no-progress"]
     assert train_classifier.main(["--out", str(tmp_path / "low.safetensors"), *args, "--min-accuracy", "1.01"]) == 1

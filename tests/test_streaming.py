@@ -16,7 +16,7 @@ import torch
 
 from diffcore import checkpoint as ck
 from diffcore import data
-from diffcore.images import load_image_folder
+from diffcore.data import load_image_folder
 from diffcore.train import TrainConfig, Trainer
 from diffcore.train.logging import LossPlot
 from diffcore.unet import UNet, UNetConfig

@@ -21,10 +21,11 @@ from .opening import DataKind, data_kind, open_dataset, open_source
 from .order import ShardedBatches, distributed_info, epoch_order
 from .pack import pack_folder
 from .shards import TarShardSource, expand_shards
-from .sources import BadImageError, ImageFolderSource, ImageSource, PackedArraySource, decode_image
+from .sources import (BadImageError, ImageFolderSource, ImageSource, PackedArraySource, decode_image,
+                      load_image_folder)
 
 __all__ = ["read_idx", "load_fashion_mnist", "fashion_mnist_root", "is_idx_folder", "synthetic_images",
            "ImageDataset", "to_model_batch", "open_dataset", "open_source", "data_kind", "DataKind",
            "ShardedBatches", "epoch_order", "distributed_info", "FASHION_MNIST_CLASSES", "FASHION_MNIST_ENV",
            "DEFAULT_FASHION_MNIST_ROOTS", "ImageSource", "ImageFolderSource", "TarShardSource", "PackedArraySource",
-           "BadImageError", "decode_image", "expand_shards", "pack_folder"]
+           "BadImageError", "decode_image", "load_image_folder", "expand_shards", "pack_folder"]

@@ -8,11 +8,11 @@ from typing import Literal, Optional, Union
 import numpy as np
 import torch
 
-from ..images import load_array, load_image_folder
+from ..images import load_array
 from .idx import is_idx_folder, load_fashion_mnist
 from .memory import ImageDataset, synthetic_images
 from .shards import TarShardSource, is_shard_spec
-from .sources import ImageFolderSource, ImageSource, PackedArraySource, is_packed_folder
+from .sources import ImageFolderSource, ImageSource, PackedArraySource, is_packed_folder, load_image_folder
 
 __all__ = ["DataKind", "data_kind", "open_dataset", "open_source"]
 

@@ -11,7 +11,7 @@ offset, per image), never the pixels.
 - :class:`PackedArraySource`: the memory-mapped ``images.npy`` of ``diffcore pack --format npy``.
 
 Decoding (:func:`decode_image`) converts to the wanted channels and, with ``image_size``, resizes and centre-crops
-exactly as :func:`diffcore.images.load_image_folder` does, so a streamed folder serves the same pixels as the
+exactly as :func:`load_image_folder` does, so a streamed folder serves the same pixels as the
 in-memory one. Without ``image_size`` every image must have the first image's (square) size.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Literal, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..images import IMAGE_EXTENSIONS, center_crop_resize, list_images
+from ..images import IMAGE_EXTENSIONS, center_crop_resize, list_images, open_picture
 
 __all__ = ["BadImageError", "decode_image", "image_header_size", "ImageSource", "ImageFolderSource",
            "PackedArraySource", "folder_labels", "LABELS_FILE", "PACKED_IMAGES", "PACKED_LABELS", "is_packed_folder"]
@@ -51,14 +51,10 @@ def decode_image(data: "Union[str, os.PathLike, bytes]", name: str, channels: Li
         expected: without ``image_size``, the ``(height, width)`` every image must have.
     Raises :class:`BadImageError` naming ``name`` when the file cannot be decoded or has another size.
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-            image.load()
-            image = image.convert("RGB" if channels == 3 else "L")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise BadImageError(f"image file {name} is unreadable (corrupt or not an image): {error}") from None
+        image = open_picture(data, channels, name)
+    except ValueError as error:
+        raise BadImageError(str(error)) from None
     if image_size is not None:
         image = center_crop_resize(image, image_size)
     elif expected is not None and (image.size[1], image.size[0]) != tuple(expected):
@@ -245,3 +241,13 @@ class PackedArraySource(ImageSource):
 
     def __getitem__(self, index: int) -> np.ndarray:
         return np.array(self.images[index])
+
+
+def load_image_folder(root: "str | os.PathLike", size: int, channels: Literal[1, 3] = 3
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Every image under ``root`` in memory, decoded as :class:`ImageFolderSource` streams them (resized and
+    centre-cropped to ``size x size``; labels from sub-folders or ``labels.csv``, :func:`folder_labels`).
+    Returns ``(images uint8 [N, channels, size, size], labels int64 [N], class_names)``."""
+    source = ImageFolderSource(root, size, channels)
+    images = np.stack([source[i] for i in range(len(source))])
+    return torch.from_numpy(images), source.labels.clone(), list(source.class_names)
