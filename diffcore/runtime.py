@@ -37,9 +37,10 @@ _FEATURE_NAMES = ("amx", "avx512_bf16", "avx512", "avx2", "amd")
 
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "auto")
-#: the precision of ``diffcore.sample`` and ``diffcore sample`` when none is given: bf16 where the hardware runs it
-#: fast, whose FID was within noise of fp32 (bench/RESULTS.md), else fp32
-DEFAULT_PRECISION: Precision = "auto"
+#: the precision of ``diffcore.sample`` and ``diffcore sample`` when none is given: fp32, so that a seed gives the
+#: same images on every machine. ``"auto"`` (bf16 where the hardware runs it fast; its FID was within noise of fp32,
+#: bench/RESULTS.md) is the documented faster option.
+DEFAULT_PRECISION: Precision = "fp32"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: batch buckets of :func:`compile_model`: a batch of n runs padded to the smallest bucket >= n

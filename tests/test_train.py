@@ -31,7 +31,7 @@ def tiny_unet(**overrides) -> UNetConfig:
 def tiny_config(out_dir, **overrides) -> TrainConfig:
     base = dict(data="synthetic", model=tiny_unet(), batch_size=8, total_steps=4, log_every=2, checkpoint_every=100,
                 num_timesteps=4, timestep_sampler="loss-second-moment", progress=False, ema_rate=0.9,
-                out_dir=str(out_dir), lr=1e-3)
+                out_dir=str(out_dir), lr=1e-3, bf16=False)  # exact comparisons: fp32 on every CPU
     base.update(overrides)
     return TrainConfig(**base)
 
