@@ -7,6 +7,7 @@ import hashlib
 import json
 from typing import Any
 
+from diffcore.samplers import SAMPLERS
 from diffcore.unet import UNetConfig
 
 #: The DPS table's tasks (the DPS paper's, plus CT and outpainting's cousin, random inpainting).
@@ -43,7 +44,9 @@ class ReproSettings:
     on ``bpd_images`` test images, samples with ``respaced_steps`` (ancestral and DDIM). DPS: ``dps_images`` test
     images per task in ``dps_tasks``, ``dps_steps`` respaced ancestral steps, zeta ``dps_zeta``, sigma_y
     ``dps_sigma_y``. Speed: ``speed_batch`` images, ``speed_repeats`` timed runs (the median is reported), and one
-    run of ancestral sampling over all T steps when ``speed_full_ancestral``.
+    run of ancestral sampling over all T steps when ``speed_full_ancestral``. Sampler table: each of
+    ``sampler_names`` on the packaged model at each count of model evaluations in ``sampler_evaluations``,
+    ``sampler_samples`` images per cell (scored against the same reference set of ``num_samples`` images).
     """
 
     name: str = "full"
@@ -71,6 +74,9 @@ class ReproSettings:
     speed_batch: int = 64
     speed_repeats: int = 2
     speed_full_ancestral: bool = True
+    sampler_names: tuple[str, ...] = SAMPLERS
+    sampler_evaluations: tuple[int, ...] = (10, 20, 50)
+    sampler_samples: int = 500
 
     @classmethod
     def full(cls) -> "ReproSettings":
@@ -85,7 +91,7 @@ class ReproSettings:
                    inversion_images=4, inversion_steps=(2, 4), small_train_steps=3, small_batch_size=4,
                    small_model_names=("simple-linear", "hybrid-cosine"), bpd_images=2, respaced_steps=(2, 4),
                    dps_tasks=("inpaint-box", "sr4"), dps_images=4, dps_steps=3, speed_batch=2, speed_repeats=1,
-                   speed_full_ancestral=False)
+                   speed_full_ancestral=False, sampler_evaluations=(3, 4), sampler_samples=8)
 
     @classmethod
     def preset(cls, name: str) -> "ReproSettings":

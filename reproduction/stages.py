@@ -51,6 +51,7 @@ def _ddim_long_stage(eta: float) -> Stage:
 def all_stages(settings: ReproSettings) -> list[Stage]:
     """Every stage for these settings, in run order."""
     from reproduction.ddim_tables import run_ddim_spacing, run_ddim_table, run_inversion_table, run_packaged_samplers
+    from reproduction.sampler_table import run_sampler_table
     from reproduction.speed import run_speed
 
     stages = [Stage("fid-noise", lambda ctx: {"spread": [ctx.scorer.fid_spread(n) for n in
@@ -62,6 +63,8 @@ def all_stages(settings: ReproSettings) -> list[Stage]:
                Stage("ddim-spacing", run_ddim_spacing, COMMON + ("ddim_steps",)),
                Stage("ddim-table2", run_inversion_table, ("seed", "num_samples", "inversion_images",
                                                           "inversion_steps"))]
+    stages.append(Stage("sampler-table", run_sampler_table, COMMON + ("sampler_names", "sampler_evaluations",
+                                                                      "sampler_samples")))
     stages += [_small_model_stage(name) for name in settings.small_model_names]
     stages += [_dps_stage(task) for task in settings.dps_tasks]
     stages.append(Stage("speed", run_speed, ("speed_batch", "speed_repeats", "speed_full_ancestral", "dps_steps")))

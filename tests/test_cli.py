@@ -66,13 +66,13 @@ def test_train_writes_a_resumable_run(run_dir, capsys):
 def test_sample_matches_the_library(run_dir, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "sample", "--checkpoint", run_dir, "--n", 4, "--steps", 5, "--seed", 3,
                        "--out", tmp_path / "s.png", "--npz", tmp_path / "s.npz", "--no-progress")
-    assert code == 0 and "4 images, DDIM, 5 steps" in out
+    assert code == 0 and "4 images, ancestral, 5 steps" in out
     trained = load_trained_model(run_dir)
     expected = sample(trained.model, n=4, steps=5, seed=3, diffusion=trained.diffusion,
                       image_shape=trained.image_shape, progress=False)
     expected_u8 = ((expected + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     with np.load(tmp_path / "s.npz") as archive:
-        np.testing.assert_array_equal(archive["images"], expected_u8)
+        np.testing.assert_array_equal(archive["arr_0"], expected_u8)
     with Image.open(tmp_path / "s.png") as grid:  # 2 x 2 grid of 8px images with 2px padding
         assert grid.size == (22, 22)
         np.testing.assert_array_equal(np.asarray(grid)[2:10, 12:20], expected_u8[1, :, :, 0])
@@ -96,7 +96,7 @@ def test_invert_and_interpolate(run_dir, tmp_path, capsys):
     assert code == 0
     strip = np.asarray(Image.open(tmp_path / "i.png")).astype(int)
     for seed, left in ((4, 2), (9, 22)):
-        end = sample(trained.model, n=1, steps=4, seed=seed, diffusion=trained.diffusion,
+        end = sample(trained.model, n=1, steps=4, seed=seed, diffusion=trained.diffusion, sampler="ddim",
                      image_shape=trained.image_shape, progress=False)
         end_u8 = ((end[0, 0] + 1) * 127.5).round().numpy().astype(int)
         assert np.abs(strip[2:10, left:left + 8] - end_u8).max() <= 1

@@ -48,7 +48,8 @@ def test_eval_writes_consistent_json(setup, tmp_path, capsys):
     # the samples are diffcore.sample's, batch k with seed 1 + k; scored as diffcore.metrics.score_samples does
     trained = load_trained_model(ckpt)
     images = torch.cat([sample(trained.model, n=count, steps=2, seed=1 + k, diffusion=trained.diffusion,
-                               image_shape=trained.image_shape, progress=False) for k, count in enumerate((4, 2))])
+                               sampler="ddim", image_shape=trained.image_shape, progress=False)
+                        for k, count in enumerate((4, 2))])
     direct = score_samples(images, real, with_floor=True, seed=1)
     assert report["metrics"]["fid"] == pytest.approx(direct.fid, rel=1e-6)
     assert report["metrics"]["kid_mean"] == pytest.approx(direct.kid_mean, rel=1e-6, abs=1e-12)

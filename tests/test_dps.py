@@ -216,18 +216,23 @@ def test_unguided_dps_is_the_unconditional_sampler(sampler):
 
 
 def test_callback_sees_every_step_and_the_naive_baseline_keeps_the_noise_convention():
-    """The callback gets (k, x, pred_x0) after each step; the naive baseline with an all-False mask is the plain
-    DDPM sampler (its replacement does nothing), so its noise is the samplers' noise."""
+    """The callback gets (step, t, x, pred_x0) after each step, t the model's timestep, and stops the loop by
+    returning True; the naive baseline with an all-False mask is the plain DDPM sampler (its replacement does
+    nothing), so its noise is the samplers' noise."""
     from diffcore.samplers import ddpm_sample
 
     prior, op, y, _ = _problem("sr2", batch=2)
     seen = []
-    result = inv.dps_sample(prior, spaced(TMAP[:12]), op, y, zeta=0.5, seed=3, progress=False,
-                            callback=lambda k, x, x0: seen.append((k, x.clone(), x0.clone())))
-    assert [k for k, _, _ in seen] == list(range(12))
-    assert torch.equal(seen[-1][1], result.sample) and torch.equal(seen[-1][2], result.pred_x0)
-    nothing = inv.MaskOperator((1, H, W), torch.zeros(H, W, dtype=torch.bool))
     process = spaced(TMAP[:12])
+    result = inv.dps_sample(prior, process, op, y, zeta=0.5, seed=3, progress=False,
+                            callback=lambda k, t, x, x0: seen.append((k, t, x.clone(), x0.clone())))
+    assert [k for k, *_ in seen] == list(range(12))
+    assert [t for _, t, *_ in seen] == list(process.original_timesteps[::-1])
+    assert torch.equal(seen[-1][2], result.sample) and torch.equal(seen[-1][3], result.pred_x0)
+    stopped = inv.dps_sample(prior, process, op, y, zeta=0.5, seed=3, progress=False,
+                             callback=lambda k, t, x, x0: k == 4)
+    assert torch.equal(stopped.sample, seen[4][2]) and stopped.residual_norms.shape[0] == 5
+    nothing = inv.MaskOperator((1, H, W), torch.zeros(H, W, dtype=torch.bool))
     naive = inv.naive_inpaint_sample(prior, process, nothing, torch.zeros(2, 1, H, W, dtype=DT), seed=3,
                                      progress=False)
     assert torch.equal(naive, ddpm_sample(prior, process, (2, 1, H, W), seed=3, dtype=DT, progress=False).sample)

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
                                  timesteps=np.asarray(latents.timesteps, dtype=np.int64))}
     message = f"diffcore invert: wrote {args.out} ({x0.shape[0]} latents, {steps} DDIM steps)"
     if args.reconstruction:
-        recon = ddim_sample(model, diffusion, x_T=latents.sample, steps=steps, skip_type=skip, eta=0.0,
+        recon = ddim_sample(model, diffusion, x_T=latents.sample, steps=list(latents.timesteps), eta=0.0,
                             progress=args.progress).sample.float()
         mse = float(((recon - x0) ** 2).mean())
         files[args.reconstruction] = grid_png(torch.cat([x0, recon.clamp(-1, 1)]), nrow=x0.shape[0])

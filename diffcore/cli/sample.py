@@ -43,6 +43,8 @@ def register(sub) -> None:
                    "(default samples/) or the .npz (default samples.npz)")
     p.add_argument("--npz", type=Path, help="also write the images as uint8 [N, H, W, C] (arr_0, labels arr_1) to .npz")
     p.add_argument("--nrow", type=int, help="images per grid row (default: square grid)")
+    p.add_argument("--no-clip", dest="clip", action="store_false",
+                   help="do not clamp the denoised estimate x0_hat to [-1, 1] at each step (default: clamp)")
     p.set_defaults(run=run)
 
 
@@ -135,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     elif labels is not None:
         kwargs = {"y": labels}
     images = sample(model, n=args.n, steps=steps, sampler=sampler, schedule=args.schedule, eta=args.eta,
+                    clip_denoised=args.clip,
                     seed=args.seed, device=device, diffusion=loaded.diffusion, image_shape=loaded.image_shape,
                     progress=args.progress, model_kwargs=kwargs, precision=args.precision, compile=args.compile,
                     batch_size=batch_size)

@@ -49,7 +49,8 @@ def naive_inpaint_sample(model: Model, diffusion: GaussianDiffusion, operator: M
     step is the samplers' reverse step); the operator must be a :class:`MaskOperator` (inpaint-box,
     inpaint-random, outpaint) and y its measurement ``[B, C, H, W]`` (observed pixels, anything elsewhere).
     Noise: x_T at Philox offset 0 and step k at offset k + 1 of the seed, as in every sampler; the replacement
-    noise of step k at offset 1 + S + k (S steps). ``callback(k, x, pred_x0)`` sees x after the replacement.
+    noise of step k at offset 1 + S + k (S steps). ``callback(step, t, x, pred_x0)`` sees x after the replacement;
+    returning True stops the loop.
     Returns the samples ``[B, C, H, W]``, equal to y on the observed pixels.
     """
     if not isinstance(operator, MaskOperator):
@@ -63,7 +64,7 @@ def naive_inpaint_sample(model: Model, diffusion: GaussianDiffusion, operator: M
     batch, num_steps = y.shape[0], diffusion.num_timesteps
     rows = timestep_rows(range(num_steps - 1, -1, -1), batch, x.device)
     prev_rows = rows - 1
-    record = Intermediates(False, callback)
+    record = Intermediates(False, callback, diffusion.original_timesteps[::-1])
     for k in steps_progress(num_steps, progress, "naive inpainting"):
         out = diffusion.call_model(model, x, rows[k], model_kwargs)
         x, pred_x0 = step(x, out, rows[k], prev_rows[k], k)
@@ -74,5 +75,6 @@ def naive_inpaint_sample(model: Model, diffusion: GaussianDiffusion, operator: M
         else:
             target = known
         x = mask * target + (1.0 - mask) * x
-        record.add(x, pred_x0)
+        if record.add(x, pred_x0):
+            break
     return x

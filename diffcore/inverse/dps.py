@@ -125,7 +125,8 @@ def dps_sample(model: Model, diffusion: GaussianDiffusion, operator: Operator, y
         clip_denoised: clamp x0_hat to [-1, 1] in both the step and the guidance (the official configs do).
         x_T: starting noise ``[B, C, H, W]``; default Philox normals from ``seed``.
         seed / generator: the Philox seed of all the noise; default drawn from ``generator``.
-        progress: show a tqdm bar. callback: ``callback(k, x, pred_x0)`` after each step.
+        progress: show a tqdm bar. callback: ``callback(step, t, x, pred_x0)`` after each step
+            (t: the model's timestep); returning True stops the loop (``residual_norms`` then has the steps taken).
         impl: ``"auto" | "fused" | "reference"`` for the step ops.
     Returns: :class:`DPSResult` (sample in y's dtype).
     """
@@ -140,7 +141,7 @@ def dps_sample(model: Model, diffusion: GaussianDiffusion, operator: Operator, y
     prev_rows = rows - 1  # DDIM's target index (-1: the final step to abar = 1)
     norms = y.new_zeros((num_steps, batch))
     pred_x0 = torch.zeros_like(x)
-    record = Intermediates(False, callback)
+    record = Intermediates(False, callback, diffusion.original_timesteps[::-1])
     guided = zeta > 0.0  # zeta = 0: unconditional sampling, residual norms still recorded
     for k in steps_progress(num_steps, progress, "DPS"):
         x_in = x.detach().requires_grad_(guided)
@@ -153,5 +154,7 @@ def dps_sample(model: Model, diffusion: GaussianDiffusion, operator: Operator, y
         x_prev, pred_x0 = step(x_in.detach(), output.detach(), rows[k], prev_rows[k], k)
         x = (x_prev - zeta * grad).detach() if guided else x_prev
         norms[k] = norm.detach()
-        record.add(x, pred_x0)
+        if record.add(x, pred_x0):
+            norms = norms[:k + 1]
+            break
     return DPSResult(sample=x, pred_x0=pred_x0, residual_norms=norms, seed=seed)

@@ -116,8 +116,9 @@ def generate(model, diffusion, image_shape: Sequence[int], n: int, *, steps: int
     starts = range(0, n, batch_size)
     for k, start in enumerate(tqdm(starts, desc="sampling", unit="batch", disable=not progress)):
         count = min(batch_size, n - start)
-        images = sample(model, n=count, fast=sampler == "ddim", steps=steps, eta=eta, seed=seed + k, device=device,
-                        diffusion=diffusion, image_shape=image_shape, progress=False, skip_type=skip_type)
+        images = sample(model, n=count, sampler="ddim" if sampler == "ddim" else "ancestral", steps=steps,
+                        eta=eta if sampler == "ddim" else None, seed=seed + k, device=device, diffusion=diffusion,
+                        image_shape=image_shape, progress=False, skip_type=skip_type, clip_denoised=True)
         parts.append(images.float().cpu())
     return torch.cat(parts)
 

@@ -54,7 +54,7 @@ def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps:
            eta: Optional[float] = None, seed: Optional[int] = None, device: "torch.device | str | None" = None,
            diffusion: Optional[GaussianDiffusion] = None, image_shape: Optional[Sequence[int]] = None,
            progress: bool = True, *, sampler: Optional[SamplerChoice] = None, schedule: Optional[Spacing] = None,
-           callback: Optional[StepCallback] = None, clip_denoised: bool = False,
+           callback: Optional[StepCallback] = None, clip_denoised: bool = True,
            model_kwargs: Optional[dict] = None, generator: Optional[torch.Generator] = None,
            skip_type: Optional[SkipType] = None,
            impl: Impl = "auto", precision: Precision = DEFAULT_PRECISION, compile: bool = False,
@@ -85,8 +85,10 @@ def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps:
         diffusion: the process the model was trained with (default: linear schedule, T = 1000, eps prediction,
             fixed_small variance).
         image_shape: ``(C, H, W)`` (default: ``model.image_shape`` or a U-Net's config).
-        progress: tqdm bar. clip_denoised: clamp x0_hat to [-1, 1] at each step (default False, as in every
-            sampler; the returned images are clamped to [-1, 1] either way). model_kwargs: e.g. ``{"y": labels}``.
+        progress: tqdm bar. clip_denoised: clamp x0_hat to [-1, 1] at each step (default True here: this is
+            the front door for images in [-1, 1], as improved-diffusion's and diffusers' pipelines default; the
+            sampler functions of :mod:`diffcore.samplers` are the math for any data and default to False; the
+            returned images are clamped to [-1, 1] either way). model_kwargs: e.g. ``{"y": labels}``.
         impl: ``"auto" | "fused" | "reference"`` for the step ops.
         precision: ``"fp32" | "bf16" | "fp16" | "auto"`` (default ``"auto"``): the model runs under autocast to
             :func:`diffcore.runtime.resolve_precision`'s dtype ("auto": bf16 on GPUs, on CPUs with AMX and on AMD

@@ -107,18 +107,18 @@ class Intermediates:
     """The per-step record of a loop: calls ``callback`` after each step and, when enabled, keeps (x_t, pred_x0)
     of every step; ``return_intermediates`` is this record with a callback that keeps everything.
 
-    ``timesteps``: the original timesteps in visiting order; with them the callback is ``callback(step, t, x,
-    pred_x0)`` (:data:`StepCallback`), without them (DPS, the inpainting baseline) ``callback(k, x, pred_x0)``.
+    ``timesteps``: the model's (original) timesteps in visiting order; the callback is ``callback(step, t, x,
+    pred_x0)`` (:data:`StepCallback`) and stops the loop by returning True.
     """
 
-    def __init__(self, enabled: bool, callback: Optional[Callable[..., Optional[bool]]] = None,
-                 timesteps: Optional[Sequence[int]] = None):
+    def __init__(self, enabled: bool, callback: Optional[Callable[..., Optional[bool]]],
+                 timesteps: Sequence[int]):
         if callback is not None and not callable(callback):
             raise TypeError(f"callback: expected a callable callback(step, t, x, pred_x0) or None, got "
                             f"{type(callback).__name__}")
         self.enabled = enabled
         self.callback = callback
-        self.timesteps = None if timesteps is None else tuple(int(t) for t in timesteps)
+        self.timesteps = tuple(int(t) for t in timesteps)
         self.steps = 0  #: steps recorded so far
         self.x_t: list[torch.Tensor] = []
         self.pred_x0: list[torch.Tensor] = []
@@ -130,10 +130,7 @@ class Intermediates:
             self.pred_x0.append(pred_x0)
         stop = False
         if self.callback is not None:
-            if self.timesteps is None:
-                self.callback(self.steps, x_t, pred_x0)
-            else:
-                stop = self.callback(self.steps, self.timesteps[self.steps], x_t, pred_x0) is True
+            stop = self.callback(self.steps, self.timesteps[self.steps], x_t, pred_x0) is True
         self.steps += 1
         return stop
 
