@@ -3,10 +3,15 @@
 CUDA is built when the installed torch is a CUDA build and nvcc is found (CUDA_HOME), or when FORCE_CUDA=1;
 DIFFCORE_NO_CUDA=1 turns it off. The arch list comes from TORCH_CUDA_ARCH_LIST (default "8.0;9.0": A100 and
 H100). Build with `pip install -e . --no-build-isolation` after installing torch (never let pip resolve torch).
+
+The CPU kernels (csrc/cpu/kernels_cpu.cpp) are compiled once per instruction set: a portable baseline and, on
+x86-64, AVX2 (-march=x86-64-v3) and AVX-512 (-march=x86-64-v4); the extension picks one at run time
+(csrc/cpu/ops_cpu.cpp). Everything else is compiled for the portable baseline, so one wheel runs on any x86-64 CPU.
 """
 from __future__ import annotations
 
 import os
+import platform
 import re
 from pathlib import Path
 
@@ -15,7 +20,10 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "diffcore" / "__init__.py").read_text()).group(1)
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
-CPU_SOURCES = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/cpu/kernels_cpu.cpp"]
+CPU_SOURCES = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/cpu/ops_cpu.cpp"]
+CPU_KERNELS = "csrc/cpu/kernels_cpu.cpp"  # compiled once per entry of _cpu_isas()
+# -ffp-contract=off everywhere: no FMA contraction, so results stay close to the reference's on every ISA
+COMMON_CXX_FLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
 CUDA_SOURCES = ["csrc/cuda/kernels.cu", "csrc/cuda/ops_cuda.cpp"]
 
 
@@ -45,13 +53,8 @@ def _extensions():
         ("DIFFCORE_TORCH_VERSION", f'"{torch.__version__}"'),
         ("DIFFCORE_CUDA_ARCHS", f'"{archs}"'),
     ]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
-                 "-ffp-contract=off"]  # no FMA contraction: results stay close to the reference's
-    # The CPU kernels are built for this machine's instruction set (AVX2/AVX-512 where present): set
-    # DIFFCORE_CPU_ARCH=x86-64 (or another -march value) to build a portable extension for other machines.
-    cpu_arch = os.environ.get("DIFFCORE_CPU_ARCH", "native")
-    if cpu_arch:
-        cxx_flags.append(f"-march={cpu_arch}")
+    cxx_flags = COMMON_CXX_FLAGS + ["-fopenmp"]
+    macros += [(f"DIFFCORE_CPU_HAVE_{name.upper()}", None) for name, _ in _cpu_isas() if name != "baseline"]
     include_dirs = [str(ROOT / "csrc")]
     if with_cuda:
         macros.append(("DIFFCORE_WITH_CUDA", None))
@@ -70,16 +73,36 @@ def _extensions():
     return [extension]
 
 
+def _cpu_isas() -> list[tuple[str, list[str]]]:
+    """(name, extra flags) of each CPU kernel variant: the baseline everywhere, AVX2 and AVX-512 on x86-64."""
+    isas = [("baseline", [])]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        isas += [("avx2", ["-march=x86-64-v3"]), ("avx512", ["-march=x86-64-v4", "-mprefer-vector-width=512"])]
+    return isas
+
+
 def _build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(use_ninja=True)
+    class Build(BuildExtension):
+        """Compiles csrc/cpu/kernels_cpu.cpp once per instruction set (its own flags, namespace and object
+        folder), then links those objects into diffcore._C with the other sources."""
+
+        def build_extension(self, ext):
+            for name, flags in _cpu_isas():
+                macros = [("DIFFCORE_CPU_ISA_NS", f"isa_{name}"), ("DIFFCORE_CPU_ISA_NAME", f'"{name}"')]
+                ext.extra_objects += self.compiler.compile(
+                    [CPU_KERNELS], output_dir=os.path.join(self.build_temp, f"isa_{name}"), macros=macros,
+                    include_dirs=ext.include_dirs, extra_postargs=COMMON_CXX_FLAGS + ["-fPIC"] + flags)
+            super().build_extension(ext)
+
+    return Build.with_options(use_ninja=True)
 
 
 setup(
     version=VERSION,
     packages=find_packages(include=["diffcore", "diffcore.*"]),
-    package_data={"diffcore": ["assets/*", "pretrained/*/*"]},
+    package_data={"diffcore": ["assets/*", "pretrained/*/*", "py.typed"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
 )

@@ -25,7 +25,21 @@
 #define DC_UNROLL
 #endif
 
+// The CPU kernel file is compiled once per instruction set (setup.py defines DIFFCORE_CPU_ISA_NS = isa_baseline,
+// isa_avx2, isa_avx512). The inline functions of these headers then live in an inline namespace of that name, so
+// each variant's copies get their own symbol names and the linker can never substitute an AVX-512 copy of a shared
+// inline function for the baseline one (the one-definition-rule trap of per-file instruction-set flags). Elsewhere
+// (CUDA, the bindings) the namespace is absent.
+#if defined(DIFFCORE_CPU_ISA_NS)
+#define DC_ISA_BEGIN inline namespace DIFFCORE_CPU_ISA_NS {
+#define DC_ISA_END }
+#else
+#define DC_ISA_BEGIN
+#define DC_ISA_END
+#endif
+
 namespace diffcore {
+DC_ISA_BEGIN
 
 // ---- type tags ----
 
@@ -128,4 +142,5 @@ DC_HD scalar_t* row(const OutRows& r, int64_t b) {
   return static_cast<scalar_t*>(r.data) + b * r.batch_stride;
 }
 
+DC_ISA_END
 }  // namespace diffcore

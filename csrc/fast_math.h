@@ -10,6 +10,7 @@
 #include "dispatch.h"
 
 namespace diffcore {
+DC_ISA_BEGIN
 
 // exp in float by Cody-Waite range reduction and Cephes' degree-6 polynomial (about 1 ulp), written with plain
 // arithmetic so that CPU loops using it vectorize. Like torch.exp: NaN propagates, exp(x) = inf above
@@ -113,4 +114,5 @@ DC_HD void dc_sincos(float x, float* s, float* c) {
 }
 DC_HD void dc_sincos(double x, double* s, double* c) { *s = sin(x); *c = cos(x); }
 
+DC_ISA_END
 }  // namespace diffcore

@@ -14,6 +14,7 @@
 #include "kernel_args.h"
 
 namespace diffcore {
+DC_ISA_BEGIN
 
 constexpr double kLn2 = 0.69314718055994530942;
 
@@ -314,4 +315,5 @@ DC_HD HybridTerms<acc_t> hybrid_terms(int prediction_type, int variance_type, co
   return r;
 }
 
+DC_ISA_END
 }  // namespace diffcore

@@ -2,6 +2,7 @@
 // registrations of ops.cpp (and cuda/ops_cuda.cpp in CUDA builds), which live in the same shared library.
 #include <torch/extension.h>
 
+#include "cpu/ops_cpu.h"
 #include "op_list.h"
 
 #ifndef DIFFCORE_VERSION
@@ -43,6 +44,8 @@ pybind11::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
+  info["cpu_isas"] = diffcore::cpu::built_isas();
+  info["cpu_isa"] = diffcore::cpu::selected_isa();
 #define DIFFCORE_OP_NAME(name, schema) #name,
   info["ops"] = std::vector<std::string>{DIFFCORE_FOR_EACH_OP(DIFFCORE_OP_NAME)};
 #undef DIFFCORE_OP_NAME
@@ -53,5 +56,7 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "diffcore fused kernels (ops are registered under torch.ops.diffcore)";
-  m.def("build_info", &build_info, "What this extension was built with: version, CUDA, arch list, compiler.");
+  m.def("build_info", &build_info,
+        "What this extension was built with: version, torch version, CUDA, arch list, compiler, the CPU kernel "
+        "variants built (cpu_isas) and the one in use (cpu_isa).");
 }

@@ -1,11 +1,11 @@
-// ops.cpp: the TORCH_LIBRARY(diffcore) schemas, the device-generic host functions and the CPU registration.
+// ops.cpp: the TORCH_LIBRARY(diffcore) schemas and the device-generic host functions (checks, layouts, outputs);
+// the backends register in cpu/ops_cpu.cpp and cuda/ops_cuda.cpp.
 #include "ops.h"
 
 #include <torch/library.h>
 
 #include <string>
 
-#include "cpu/kernels_cpu.h"
 #include "op_list.h"
 
 namespace diffcore {
@@ -352,31 +352,10 @@ at::Tensor hybrid_loss_backward_impl(const Backend& backend, const at::Tensor& g
 
 }  // namespace diffcore
 
-// ---- schemas (one block) and the CPU registration ----
+// ---- schemas (one block, from op_list.h); the CPU registration is in cpu/ops_cpu.cpp ----
 
 TORCH_LIBRARY(diffcore, m) {
 #define DIFFCORE_DEF_OP(name, schema) m.def(#name schema);
   DIFFCORE_FOR_EACH_OP(DIFFCORE_DEF_OP)
 #undef DIFFCORE_DEF_OP
 }
-
-namespace {
-
-const diffcore::Backend kCpuBackend{"cpu",
-                                    true,
-                                    diffcore::cpu::q_sample,
-                                    diffcore::cpu::ddim_step,
-                                    diffcore::cpu::ddpm_step,
-                                    diffcore::cpu::hybrid_loss_forward,
-                                    diffcore::cpu::hybrid_loss_backward};
-
-struct CpuTraits {
-  static const diffcore::Backend& backend() { return kCpuBackend; }
-  struct Guard {  // no device to select on CPU
-    explicit Guard(const at::Tensor&) {}
-  };
-};
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(diffcore, CPU, m) { diffcore::register_backend_ops<CpuTraits>(m); }

@@ -8,6 +8,7 @@
 #include "fast_math.h"
 
 namespace diffcore {
+DC_ISA_BEGIN
 
 // ---- counter-based noise: Philox4x32-10 (Salmon et al. 2011) and Box-Muller in double ----
 struct Uint4 {
@@ -62,4 +63,5 @@ DC_HD Normal4<real_t> philox_normal4(uint64_t seed, uint64_t offset, uint64_t b,
   return n;
 }
 
+DC_ISA_END
 }  // namespace diffcore

@@ -1,46 +1,62 @@
-// CPU kernels of the fused ops: loops over (sample, contiguous segment) pairs with at::parallel_for; the math is
-// the shared header's. Element loops are branch-free after the op-level switches are turned into template
-// constants, so the compiler vectorizes the ones without transcendental functions.
+// CPU kernels of the fused ops: loops over (sample, contiguous segment) pairs run by the bindings' parallel-for;
+// the math is the shared headers'. Element loops are branch-free after the op-level switches are turned into
+// template constants, so the compiler vectorizes the ones without transcendental functions.
+//
+// Compiled once per instruction set (kernels_cpu.h): torch-free, no static initializers and no out-of-line
+// standard-library templates, so that nothing compiled for AVX2 / AVX-512 can run before the run-time choice
+// or be shared with another variant.
 #include "cpu/kernels_cpu.h"
 
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
-#include <c10/util/Half.h>
+#include <stdint.h>
 
-#include <algorithm>
 #include <type_traits>
 
+#include "cpu/half.h"
 #include "diffcore_math.h"
 #include "dispatch.h"
 
+#if !defined(DIFFCORE_CPU_ISA_NS) || !defined(DIFFCORE_CPU_ISA_NAME)
+#error "compile kernels_cpu.cpp through setup.py: it defines DIFFCORE_CPU_ISA_NS and DIFFCORE_CPU_ISA_NAME"
+#endif
+
 namespace diffcore {
 namespace cpu {
+namespace DIFFCORE_CPU_ISA_NS {
 namespace {
 
 constexpr int64_t kGrain = 16384;  // elements per parallel task
 constexpr int64_t kChunk = 256;    // elements per noise buffer
 
 struct CpuTypes {
-  using half = c10::Half;
-  using bfloat16 = c10::BFloat16;
+  using half = Half;
+  using bfloat16 = BFloat16;
 };
 
-// A dispatcher's result: false when a switch had a value outside its enum (ops.cpp rejects those first).
-void check_dispatched(bool dispatched, const char* op) {
-  TORCH_CHECK(dispatched, "diffcore::", op, ": a dtype, prediction_type or variance_type value the CPU kernels do "
-              "not know reached them");
+DC_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <typename T>
+DC_HD void fill(T* begin, int64_t n, T value) {
+  for (int64_t i = 0; i < n; ++i) begin[i] = value;
+}
+
+// Runs f(begin, end) over chunks of [0, n) through the bindings' parallel-for.
+template <typename F>
+void parallel_for(const Parallel& parallel, int64_t n, int64_t grain, F&& f) {
+  using Fn = typename std::remove_reference<F>::type;
+  parallel.run(n, grain, const_cast<void*>(static_cast<const void*>(&f)), [](void* ctx, int64_t begin, int64_t end) {
+    (*static_cast<Fn*>(ctx))(begin, end);
+  });
 }
 
 // Runs body(b, j_begin, j_end) over every contiguous segment of B rows of `inner` elements, in parallel.
 template <typename F>
-void for_each_segment(int64_t batch, int64_t inner, F&& body) {
+void for_each_segment(const Parallel& parallel, int64_t batch, int64_t inner, F&& body) {
   const int64_t total = batch * inner;
   if (total == 0) return;
-  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(parallel, total, kGrain, [&](int64_t begin, int64_t end) {
     int64_t b = begin / inner, j = begin % inner;
     while (begin < end) {
-      const int64_t len = std::min(inner - j, end - begin);
+      const int64_t len = min64(inner - j, end - begin);
       body(b, j, j + len);
       begin += len;
       ++b;
@@ -67,13 +83,11 @@ void load_noise(const Noise& noise, int64_t b, int64_t j0, int64_t j1, acc_t* z)
   for (int64_t j = j0; j < j1; ++j) z[j - j0] = buffer[j - 4 * g0];
 }
 
-}  // namespace
-
-void q_sample(const QSampleArgs& a) {
-  check_dispatched(dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
+bool q_sample(const QSampleArgs& a, const Parallel& parallel) {
+  return dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
     using scalar_t = typename decltype(scalar_tag)::type;
     using acc_t = acc_type<scalar_t>;
-    for_each_segment(a.batch, a.inner, [&](int64_t b, int64_t j0, int64_t j1) {
+    for_each_segment(parallel, a.batch, a.inner, [&](int64_t b, int64_t j0, int64_t j1) {
       const PredictCoeffs<acc_t> c = make_predict_coeffs<acc_t>(a.alphas_cumprod[a.t[b]]);
       const scalar_t* __restrict__ x0 = row<scalar_t>(a.x0, b);
       const scalar_t* __restrict__ noise = row<scalar_t>(a.noise, b);
@@ -84,16 +98,16 @@ void q_sample(const QSampleArgs& a) {
       }
     });
     return true;
-  }), "q_sample");
+  });
 }
 
-void ddim_step(const DdimStepArgs& a) {
-  check_dispatched(dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
+bool ddim_step(const DdimStepArgs& a, const Parallel& parallel) {
+  return dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
     using scalar_t = typename decltype(scalar_tag)::type;
     using acc_t = acc_type<scalar_t>;
     return dispatch_prediction(a.prediction_type, [&](auto P) {
       return dispatch_bool(a.clip_denoised, [&](auto CLIP) {
-        for_each_segment(a.batch, a.inner, [&](int64_t b, int64_t j0, int64_t j1) {
+        for_each_segment(parallel, a.batch, a.inner, [&](int64_t b, int64_t j0, int64_t j1) {
           const DdimCoeffs<acc_t> c = make_ddim_coeffs<acc_t>(a.alphas_cumprod, a.t[b], a.t_prev[b], a.eta);
           const scalar_t* __restrict__ x = row<scalar_t>(a.x, b);
           const scalar_t* __restrict__ pred = row<scalar_t>(a.model_output, b);
@@ -101,9 +115,9 @@ void ddim_step(const DdimStepArgs& a) {
           scalar_t* __restrict__ pred_x0 = row<scalar_t>(a.pred_x0, b);
           acc_t z[kChunk];
           const bool noisy = ddim_takes_noise(a.noise.given.data != nullptr, a.eta, c.sigma);
-          if (!noisy) std::fill(z, z + kChunk, (acc_t)0);
+          if (!noisy) fill(z, kChunk, (acc_t)0);
           for (int64_t k0 = j0; k0 < j1; k0 += kChunk) {
-            const int64_t k1 = std::min(k0 + kChunk, j1);
+            const int64_t k1 = min64(k0 + kChunk, j1);
             if (noisy) load_noise<scalar_t, acc_t>(a.noise, b, k0, k1, z);
             for (int64_t j = k0; j < k1; ++j) {
               acc_t x0;
@@ -117,17 +131,17 @@ void ddim_step(const DdimStepArgs& a) {
         return true;
       });
     });
-  }), "ddim_step");
+  });
 }
 
-void ddpm_step(const DdpmStepArgs& a) {
-  check_dispatched(dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
+bool ddpm_step(const DdpmStepArgs& a, const Parallel& parallel) {
+  return dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
     using scalar_t = typename decltype(scalar_tag)::type;
     using acc_t = acc_type<scalar_t>;
     return dispatch_prediction(a.prediction_type, [&](auto P) {
       return dispatch_variance(a.variance_type, [&](auto VT) {
         return dispatch_bool(a.clip_denoised, [&](auto CLIP) {
-          for_each_segment(a.batch, a.inner, [&](int64_t b, int64_t j0, int64_t j1) {
+          for_each_segment(parallel, a.batch, a.inner, [&](int64_t b, int64_t j0, int64_t j1) {
             const PosteriorCoeffs<acc_t> c = make_posterior_coeffs<acc_t>(a.alphas_cumprod, a.t[b], VT());
             const scalar_t* __restrict__ x = row<scalar_t>(a.x, b);
             const scalar_t* __restrict__ pred = row<scalar_t>(a.prediction, b);
@@ -138,9 +152,9 @@ void ddpm_step(const DdpmStepArgs& a) {
             scalar_t* __restrict__ pred_x0 = row<scalar_t>(a.pred_x0, b);
             acc_t z[kChunk];
             const bool noisy = ddpm_takes_noise(a.noise.given.data != nullptr, c.nonzero_t);
-            if (!noisy) std::fill(z, z + kChunk, (acc_t)0);
+            if (!noisy) fill(z, kChunk, (acc_t)0);
             for (int64_t k0 = j0; k0 < j1; k0 += kChunk) {
-              const int64_t k1 = std::min(k0 + kChunk, j1);
+              const int64_t k1 = min64(k0 + kChunk, j1);
               if (noisy) load_noise<scalar_t, acc_t>(a.noise, b, k0, k1, z);
               for (int64_t j = k0; j < k1; ++j) {
                 const acc_t v = static_cast<acc_t>(var[j]);
@@ -156,20 +170,18 @@ void ddpm_step(const DdpmStepArgs& a) {
         });
       });
     });
-  }), "ddpm_step");
+  });
 }
-
-namespace {
 
 // Runs body(b, terms_at) for every sample in parallel (one sample per task: the reductions are per sample and
 // deterministic); terms_at(j) gives the hybrid-loss terms of element j. The t = 0 (decoder) / t > 0 (KL) choice is
 // turned into a constant per sample so that the element loops have no branch and vectorize. False when a switch
 // has a value outside its enum.
 template <typename scalar_t, typename acc_t, typename F>
-bool for_each_hybrid_sample(const HybridLossArgs& a, bool want_grad, F&& body) {
+bool for_each_hybrid_sample(const HybridLossArgs& a, const Parallel& parallel, bool want_grad, F&& body) {
   return dispatch_prediction(a.prediction_type, [&](auto P) {
     return dispatch_learned_variance(a.variance_type, [&](auto VT) {
-      at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
+      parallel_for(parallel, a.batch, 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           const PosteriorCoeffs<acc_t> coeffs = make_posterior_coeffs<acc_t>(a.alphas_cumprod, a.t[b], VT());
           const scalar_t* __restrict__ pred = row<scalar_t>(a.prediction, b);
@@ -181,7 +193,9 @@ bool for_each_hybrid_sample(const HybridLossArgs& a, bool want_grad, F&& body) {
             dispatch_bool(want_grad, [&](auto GRAD) {
               PosteriorCoeffs<acc_t> c = coeffs;
               c.nonzero_t = NONZERO();
-              body(b, [&](int64_t j) __attribute__((always_inline)) {
+              // c by value: the closure's own copy has nonzero_t as a known constant, so the t = 0 / t > 0
+              // branch folds away and the element loops vectorize (by reference it is reloaded per element)
+              body(b, [&, c](int64_t j) __attribute__((always_inline)) {
                 return hybrid_terms<acc_t>(P(), VT(), c, static_cast<acc_t>(pred[j]), static_cast<acc_t>(var[j]),
                                            static_cast<acc_t>(x0[j]), static_cast<acc_t>(xt[j]),
                                            static_cast<acc_t>(noise[j]), GRAD());
@@ -196,10 +210,8 @@ bool for_each_hybrid_sample(const HybridLossArgs& a, bool want_grad, F&& body) {
   });
 }
 
-}  // namespace
-
-void hybrid_loss_forward(const HybridLossArgs& a) {
-  check_dispatched(dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
+bool hybrid_loss_forward(const HybridLossArgs& a, const Parallel& parallel) {
+  return dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
     using scalar_t = typename decltype(scalar_tag)::type;
     using acc_t = acc_type<scalar_t>;
     acc_t* mse = static_cast<acc_t*>(a.mse);
@@ -207,10 +219,10 @@ void hybrid_loss_forward(const HybridLossArgs& a) {
     // Sums in kLanes independent acc_t lanes over blocks of kBlock elements (vectorizable, deterministic), the
     // block totals in double.
     constexpr int64_t kLanes = 16, kBlock = 1024;
-    return for_each_hybrid_sample<scalar_t, acc_t>(a, false, [&](int64_t b, auto&& terms_at) {
+    return for_each_hybrid_sample<scalar_t, acc_t>(a, parallel, false, [&](int64_t b, auto&& terms_at) {
       double total_sq = 0.0, total_vb = 0.0;
       for (int64_t k0 = 0; k0 < a.inner; k0 += kBlock) {
-        const int64_t k1 = std::min(k0 + kBlock, a.inner);
+        const int64_t k1 = min64(k0 + kBlock, a.inner);
         acc_t lane_sq[kLanes] = {}, lane_vb[kLanes] = {};
         int64_t j = k0;
         for (; j + kLanes <= k1; j += kLanes) {
@@ -233,15 +245,15 @@ void hybrid_loss_forward(const HybridLossArgs& a) {
       mse[b] = (acc_t)(a.inner > 0 ? total_sq / (double)a.inner : NAN);
       vb[b] = (acc_t)(a.inner > 0 ? total_vb / (double)a.inner : NAN);
     });
-  }), "hybrid_loss");
+  });
 }
 
-void hybrid_loss_backward(const HybridLossArgs& a) {
-  check_dispatched(dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
+bool hybrid_loss_backward(const HybridLossArgs& a, const Parallel& parallel) {
+  return dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
     using scalar_t = typename decltype(scalar_tag)::type;
     using acc_t = acc_type<scalar_t>;
     const acc_t inv_n = a.inner > 0 ? (acc_t)(1.0 / (double)a.inner) : (acc_t)0;
-    return for_each_hybrid_sample<scalar_t, acc_t>(a, true, [&](int64_t b, auto&& terms_at) {
+    return for_each_hybrid_sample<scalar_t, acc_t>(a, parallel, true, [&](int64_t b, auto&& terms_at) {
       const acc_t scale_mse = static_cast<const acc_t*>(a.grad_mse)[b] * inv_n;
       const acc_t scale_vb = static_cast<const acc_t*>(a.grad_vb)[b] * inv_n;
       scalar_t* __restrict__ grad_pred = row<scalar_t>(a.grad_prediction, b);
@@ -253,8 +265,17 @@ void hybrid_loss_backward(const HybridLossArgs& a) {
         grad_var[j] = static_cast<scalar_t>(scale_vb * terms.d_vb_d_v);
       }
     });
-  }), "hybrid_loss_backward");
+  });
 }
 
+// Constant-initialized (no code runs at load time).
+constexpr Kernels kKernels{DIFFCORE_CPU_ISA_NAME, q_sample, ddim_step, ddpm_step, hybrid_loss_forward,
+                           hybrid_loss_backward};
+
+}  // namespace
+
+const Kernels& kernels() { return kKernels; }
+
+}  // namespace DIFFCORE_CPU_ISA_NS
 }  // namespace cpu
 }  // namespace diffcore
