@@ -11,6 +11,7 @@ from reproduction.claims import EXPLANATIONS, Claim, combine, decreasing, fmt, i
 from reproduction.context import Context
 from reproduction.plots import line_plot
 from reproduction.idpm import train_config
+from reproduction.report_samplers import sampler_section
 from reproduction.settings import small_unet
 from reproduction.stages import Stage, long_stage_name
 
@@ -469,7 +470,7 @@ def _speed(r: Report) -> None:
 
 
 def _claims(r: Report) -> None:
-    r.add("## 7. The papers' claims, checked", "")
+    r.add("## 8. The papers' claims, checked", "")
     if not r.claims:
         return r.add("*No results yet.*", "")
     spread = (r.result("fid-noise") or {}).get("spread", [])
@@ -527,7 +528,8 @@ def write_report(ctx: Context, stages: Sequence[Stage], path: "str | Path") -> P
     path = Path(path)
     r = Report(ctx, stages, path)
     _header(r)
-    for section in (_ddim_table1, _ancestral_vs_ddim, _inversion, _small_models, _dps, _speed, _claims, _footer):
+    for section in (_ddim_table1, _ancestral_vs_ddim, _inversion, _small_models, _dps, _speed,
+                    lambda report: sampler_section(report, 7), _claims, _footer):
         section(r)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "\n".join(r.lines).rstrip() + "\n")

@@ -91,7 +91,7 @@ class ReproSettings:
                    inversion_images=4, inversion_steps=(2, 4), small_train_steps=3, small_batch_size=4,
                    small_model_names=("simple-linear", "hybrid-cosine"), bpd_images=2, respaced_steps=(2, 4),
                    dps_tasks=("inpaint-box", "sr4"), dps_images=4, dps_steps=3, speed_batch=2, speed_repeats=1,
-                   speed_full_ancestral=False, sampler_evaluations=(3, 4), sampler_samples=8)
+                   speed_full_ancestral=False, sampler_evaluations=(4, 5), sampler_samples=8)
 
     @classmethod
     def preset(cls, name: str) -> "ReproSettings":

@@ -146,7 +146,7 @@ def test_packaged_model_samples_unchanged(one_thread):
     packaged = load_default()
     model = packaged.model.eval()
     kw = dict(n=3, steps=5, seed=11, diffusion=packaged.diffusion, progress=False, image_shape=packaged.image_shape,
-              precision="fp32")
+              precision="fp32", sampler="ddim")  # deterministic: ancestral noise would amplify rounding differences
     got = diffcore.sample(model, **kw)
     ref = diffcore.sample(lambda x, t: reference_forward(model, x, t), **kw)
     assert ref.std() > 0.1
