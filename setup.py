@@ -7,6 +7,7 @@ H100). Build with `pip install -e . --no-build-isolation` after installing torch
 The CPU kernels (csrc/cpu/kernels_cpu.cpp) are compiled once per instruction set: a portable baseline and, on
 x86-64, AVX2 (-march=x86-64-v3) and AVX-512 (-march=x86-64-v4); the extension picks one at run time
 (csrc/cpu/ops_cpu.cpp). Everything else is compiled for the portable baseline, so one wheel runs on any x86-64 CPU.
+Next to the extension the build writes diffcore/_build_info.json, the torch version it was compiled against.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ CPU_KERNELS = "csrc/cpu/kernels_cpu.cpp"  # compiled once per entry of _cpu_isas
 # -ffp-contract=off everywhere: no FMA contraction, so results stay close to the reference's on every ISA
 COMMON_CXX_FLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
 CUDA_SOURCES = ["csrc/cuda/kernels.cu", "csrc/cuda/ops_cuda.cpp"]
+BUILD_INFO_FILE = "_build_info.json"  # next to the .so: the torch it was built for (read by diffcore/_extension.py)
 
 
 def _flag(name: str) -> bool:
@@ -95,8 +97,48 @@ def _build_ext():
                     [CPU_KERNELS], output_dir=os.path.join(self.build_temp, f"isa_{name}"), macros=macros,
                     include_dirs=ext.include_dirs, extra_postargs=COMMON_CXX_FLAGS + ["-fPIC"] + flags)
             super().build_extension(ext)
+            _write_build_info(Path(self.get_ext_fullpath(ext.name)).with_name(BUILD_INFO_FILE))
+
+        def copy_extensions_to_source(self):  # --inplace and editable installs: the record goes with the .so
+            super().copy_extensions_to_source()
+            for regular, inplace in self._build_info_mapping():
+                self.copy_file(regular, inplace, level=self.verbose)
+
+        def get_outputs(self):
+            return super().get_outputs() + ([] if self.inplace else [str(self._build_info_path(ext))
+                                                                      for ext in self.extensions])
+
+        def get_output_mapping(self):
+            return {**super().get_output_mapping(), **dict(self._build_info_mapping())}
+
+        def _build_info_path(self, ext) -> Path:
+            return Path(self.build_lib, self.get_ext_filename(self.get_ext_fullname(ext.name))).with_name(
+                BUILD_INFO_FILE)
+
+        def _build_info_mapping(self):
+            """(record in build_lib, record next to the in-place .so) per extension; none unless in place."""
+            if not self.inplace:
+                return []
+            build_py = self.get_finalized_command("build_py")
+            return [(str(self._build_info_path(ext)), str(Path(build_py.get_package_dir(
+                        self.get_ext_fullname(ext.name).rpartition(".")[0]), BUILD_INFO_FILE)))
+                    for ext in self.extensions]
 
     return Build.with_options(use_ninja=True)
+
+
+def _write_build_info(path: Path) -> None:
+    """Record the torch this extension is compiled against next to it (diffcore/_extension.py reads it: an
+    extension built for another torch cannot be imported to ask). Written to a temporary file, then renamed."""
+    import json
+
+    import torch
+
+    record = {"version": VERSION, "torch_version": str(torch.__version__), "torch_cuda": torch.version.cuda}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 setup(

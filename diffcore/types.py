@@ -1,6 +1,6 @@
 """Enumerations shared by the ops, the diffusion process and the samplers, and the one parser of their names.
 
-The integer values are part of the C++ op schemas (``csrc/diffcore_math.h`` uses the same numbers). Names are
+The integer values are part of the C++ op schemas (``csrc/kernel_args.h`` uses the same numbers). Names are
 accepted in lower or upper case, and diffusers' names as aliases (``epsilon``, ``sample``, ``v_prediction``
 for the prediction types), so a scheduler config's ``prediction_type`` can be passed as it is.
 """

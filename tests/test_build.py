@@ -6,6 +6,7 @@ pure-torch reference within the usual tolerances and report themselves in build_
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,6 +81,7 @@ def test_build_info_lists_the_variants():
     assert info["cpu_isa"] in info["cpu_isas"]
 
 
+@pytest.mark.slow
 def test_every_variant_matches_the_reference_and_the_others(tmp_path):
     results = {isa: _run_variant(isa, tmp_path) for isa in diffcore.build_info()["cpu_isas"]}
     baseline = results["baseline"]["fused"]
@@ -99,3 +101,45 @@ def test_unknown_isa_is_an_error_naming_the_variable(tmp_path):
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "DIFFCORE_CPU_ISA: expected baseline, avx2 or avx512, got 'sse9'" in proc.stderr
+
+
+def test_build_records_the_torch_it_was_built_for():
+    record = json.loads((Path(diffcore.__file__).parent / "_build_info.json").read_text())
+    assert record["torch_version"] == str(torch.__version__) == diffcore.build_info()["torch_version"]
+    assert record["version"] == diffcore.__version__
+
+
+# Pretends another torch is installed (the extension's record then names a different version), imports diffcore
+# with every warning shown, and reports what it said.
+MISMATCH_SCRIPT = textwrap.dedent('''
+    import json, sys, warnings
+    import torch
+    torch.__version__ = sys.argv[1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import diffcore
+        from diffcore import ops
+        from diffcore.cli.info import info
+        impl = ops.which_impl("cpu")
+        build, report = diffcore.build_info(), info()
+    print(json.dumps({"warnings": [f"{w.category.__name__}: {w.message}" for w in caught], "impl": impl,
+                      "build": build, "info_build": report["build"], "info_torch": report["torch"]}))
+''')
+
+
+def test_extension_built_for_another_torch_warns_once_and_falls_back(tmp_path):
+    other = "1.99.0"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", MISMATCH_SCRIPT, other], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    mismatch = [w for w in result["warnings"] if w.startswith("ExtensionMismatchWarning")]
+    assert len(mismatch) == 1, result["warnings"]
+    built_for = str(torch.__version__)
+    assert f"built for torch {built_for} but torch {other} is installed" in mismatch[0]
+    assert "pip install -e . --no-build-isolation --no-deps" in mismatch[0] and "wheel" in mismatch[0]
+    assert result["impl"] == "reference"
+    for build in (result["build"], result["info_build"]):
+        assert build["built"] is False and build["torch_mismatch"] is True
+        assert build["torch_version"] == built_for and other in build["error"]
+    assert result["info_torch"] == other

@@ -191,6 +191,7 @@ def test_kill_during_replace_leaves_the_old_or_the_new_checkpoint(tmp_path, poin
     assert (tmp_path / ".tmp-ck-0123456789ab" / "diary.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_kill_during_a_first_save_and_while_writing_latest(tmp_path):
     run_killed(tmp_path / "fresh", "mid-write", 1)
     assert not (tmp_path / "fresh").exists()  # absent, not partial

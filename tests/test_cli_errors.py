@@ -116,6 +116,7 @@ def test_each_bad_input_is_one_line_and_touches_nothing(ckpt, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.slow
 def test_traceback_flag_shows_the_trace(ckpt, tmp_path):
     argv = [sys.executable, "-m", "diffcore.cli", "--traceback", "sample", "--checkpoint", str(ckpt), "--n", "0",
             "--out", str(tmp_path / "x.png")]

@@ -162,6 +162,7 @@ def test_cli_diffusers_folder_without_config_json(tmp_path):
     assert "config" in r.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_packaged_model_round_trips_through_diffusers(tmp_path):
     from diffcore.convert import load_model
     from diffcore.pretrained import default_model_path

@@ -287,6 +287,7 @@ def test_cfg_with_exact_models_equals_classifier_guidance_with_the_exact_classif
     torch.testing.assert_close(cfg, cg, rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_classifier_guided_sampling_recovers_each_class(linear, mixture, sampler):
     """Guiding the exact unconditional model with the exact classifier at scale 1 samples p(x0 | y)."""

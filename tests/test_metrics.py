@@ -268,6 +268,7 @@ def test_shipped_weights_are_small_and_record_accuracy_and_command():
     assert not model.training
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_shipped_classifier_reproduces_its_recorded_test_accuracy(fmnist_test, extractor):
     images, labels = fmnist_test
@@ -337,6 +338,7 @@ def test_extract_features_is_batch_invariant(extractor):
         torch.testing.assert_close(a, extractor.features(x).double(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_evaluate_on_real_images_ranks_real_above_collapsed_and_noise(fmnist_test, extractor):
     images, _ = fmnist_test

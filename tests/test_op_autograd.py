@@ -173,6 +173,7 @@ def test_hybrid_loss_direct_op_refuses_data_gradients():
         mse.sum().backward()
 
 
+@pytest.mark.slow
 @needs_fused
 def test_opcheck_autograd_registrations():
     table = make_table()

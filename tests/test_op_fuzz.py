@@ -145,6 +145,7 @@ def run_cases(cases: list[dict]) -> dict[int, dict]:
     return results
 
 
+@pytest.mark.slow
 def test_fuzzed_op_calls():
     cases = make_cases()
     results = run_cases(cases)

@@ -308,6 +308,7 @@ def test_hybrid_loss_gradcheck(variance_type, prediction_type):
     assert torch.count_nonzero(grad[:, :channels]) == 0 and torch.count_nonzero(grad[:, channels:]) > 0
 
 
+@pytest.mark.slow
 @needs_fused
 def test_opcheck_every_op():
     table = make_table()
@@ -329,6 +330,7 @@ def test_opcheck_every_op():
     torch.library.opcheck(torch.ops.diffcore.ddim_step, (cl, cl, t, t - 1, table, 0.0, 0, False, None, 0, 0))
 
 
+@pytest.mark.slow
 @needs_fused
 def test_torch_compile_fullgraph():
     table = make_table()

@@ -27,6 +27,7 @@ def _confidence(images: torch.Tensor) -> tuple[float, int]:
     return probs.max(-1).values.mean().item(), len(set(probs.argmax(-1).tolist()))
 
 
+@pytest.mark.slow
 def test_front_door_samples_packaged_garments():
     images = diffcore.sample(n=32, steps=25, seed=0, progress=False)
     assert images.shape == (32, 1, 28, 28)

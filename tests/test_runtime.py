@@ -172,6 +172,7 @@ def test_sample_batch_size_errors(one_thread):
     assert diffcore.sample(model, eta=1.0, **kw).shape == (4, 1, 8, 8)  # default: one batch, no error
 
 
+@pytest.mark.slow
 def test_bf16_samples_close_to_fp32_in_feature_statistics(one_thread, cpu):
     """The packaged model's bf16 samples against fp32 ones at equal seeds, in the classifier's features: the
     shift of the feature means is small against the features' spread (pixels may differ where trajectories fork)."""

@@ -15,7 +15,7 @@ from diffcore.samplers import (SAMPLER_INFO, SAMPLERS, ddim_invert, ddim_sample,
                                sampling_timesteps, steps_for_evaluations, trailing_timesteps)
 from diffcore.schedules import make_schedule
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # restores the thread count afterwards
 F64 = torch.float64
 MU = torch.tensor([0.3, -0.2], dtype=F64)
 COV = torch.tensor([[0.5, 0.2], [0.2, 0.3]], dtype=F64)

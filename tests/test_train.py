@@ -265,6 +265,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     import torch.multiprocessing as mp
 

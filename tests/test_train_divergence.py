@@ -108,6 +108,7 @@ def test_too_many_skipped_steps_stop_the_run_and_keep_the_checkpoint(tmp_path):
     assert [r["nonfinite_steps"] for r in log] == [0, 0, 1, 1, 1] and log[-1]["loss"] is None
 
 
+@pytest.mark.slow
 def test_diverged_weights_are_never_saved_and_the_last_finite_checkpoint_resumes_exactly(tmp_path):
     # lr = inf from the 5th step on (the learning rate, not the gradient, blows the weights up): the checkpoint
     # due at step 6 is refused, pruning (keep 1) kept step 4, and resuming from it matches a straight run

@@ -2,7 +2,7 @@
 
 Every function works elementwise on broadcastable tensors, so schedule quantities of shape ``[B, 1, ..., 1]``
 combine with images of shape ``[B, ...]``. Schedule tables are float64; callers choose the compute dtype.
-The C++ twin of each function lives in ``csrc/diffcore_math.h``.
+The C++ twin of each function lives in ``csrc/formulas.h`` (host-device templates shared by the CPU and CUDA kernels).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Pure-torch Philox4x32-10 and the Box-Muller normals built on it.
 
-This is the twin of ``philox4x32_10`` / ``philox_normal4`` in ``csrc/diffcore_math.h``: the same counter layout,
+This is the twin of ``philox4x32_10`` / ``philox_normal4`` in ``csrc/philox.h``: the same counter layout,
 the same key schedule and the same Box-Muller transform (float32, or float64 for float64 outputs), so that the fused kernels (CPU and CUDA) and
 this reference draw the same noise for the same ``(seed, offset)``.
 
