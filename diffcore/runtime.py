@@ -173,9 +173,18 @@ def _physical_cores() -> Optional[int]:
     return len(cores) or None
 
 
+THREADS_ENV = "DIFFCORE_THREADS"  #: environment variable overriding :func:`default_threads` (e.g. 1 on a shared box)
+
+
 def default_threads() -> int:
-    """The thread count diffcore's CLI uses by default: ``min(physical cores, CPUs this process may run on)``
-    (hyper-threads and CPUs outside the affinity mask add waiting, not speed), at least 1."""
+    """The thread count diffcore's CLI uses by default: ``$DIFFCORE_THREADS`` when set, else ``min(physical cores,
+    CPUs this process may run on)`` (hyper-threads and CPUs outside the affinity mask add waiting, not speed), at
+    least 1."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{THREADS_ENV}: expected an int >= 1, got {value!r}")
+        return int(value)
     try:
         available = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

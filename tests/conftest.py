@@ -1,8 +1,14 @@
 """Fixtures shared by the test modules."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# In-process CLI calls would otherwise set torch's thread count to the machine's cores for the rest of the session
+# (diffcore.runtime.default_threads); tiny test models run fastest on one thread and CI's 2 cores are shared.
+os.environ.setdefault("DIFFCORE_THREADS", "1")
 
 
 @pytest.fixture

@@ -43,8 +43,9 @@ def add_model_flags(parser: argparse.ArgumentParser,
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--steps", type=int, help=steps_help)
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    parser.add_argument("--threads", type=int, help="torch threads (default: physical cores this process may use, "
-                        "diffcore.runtime.default_threads; pass 1 on a machine shared with other jobs)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: $DIFFCORE_THREADS, else the physical "
+                        "cores this process may use, diffcore.runtime.default_threads; pass 1 on a machine shared "
+                        "with other jobs)")
 
 
 def add_speed_flags(parser: argparse.ArgumentParser) -> None:
