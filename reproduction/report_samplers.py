@@ -59,13 +59,15 @@ def sampler_section(r: "Report", number: int) -> None:
     rows.append(["real floor", "", "", ""] + [fmt(data["floor"]["fid"])] * len(budgets) + [""])
     r.table(["sampler", "order", "model calls per step", "spacing", *[f"FID at {k} NFE" for k in budgets],
              f"images/s at {max(budgets)} NFE"], rows)
-    anc = r.result("packaged-samplers")
-    clipped = {run["steps"]: run["fid"] for run in (anc or {}).get("runs", []) if run["sampler"] == "ddpm"}
     k = max(budgets)
-    if k in clipped and (LEARNED_VARIANCE_DEFAULT, k) in cell:
-        r.add(f"Clipping matters for the ancestral sampler: with x0_hat clipped to [-1, 1] at every step "
-              f"(sections 1-2) it scores {fmt(clipped[k])} at {k} steps, here (no clipping) "
-              f"{fmt(cell[(LEARNED_VARIANCE_DEFAULT, k)]['fid'])}.", "")
+    _first_step_note(r, runs, m["num_timesteps"])
+    clipped = clipped_fids(r)
+    if clipped:
+        r.add("With x0_hat clipped to [-1, 1] at every step (the default of `diffcore.sample` and `diffcore "
+              "sample`; sections 1-2, same x_T, same count): " + "; ".join(
+                  f"{name} " + ", ".join(f"{fmt(v)} at {s_}" for s_, v in sorted(values.items()) if s_ in budgets)
+                  for name, values in clipped.items()) + " (steps = NFE). This stage has not measured the other "
+              "samplers with clipping.", "")
     line_plot(r.ctx.figures / "samplers_fid_nfe.png",
               [(name, [b for b in budgets if (name, b) in cell], [cell[(name, b)]["fid"] for b in budgets
                                                                   if (name, b) in cell], "o-") for name in names],
@@ -88,6 +90,33 @@ def sampler_section(r: "Report", number: int) -> None:
     _default_claim(r, cell, k, tol)
 
 
+def clipped_fids(r: "Report") -> dict[str, dict[int, float]]:
+    """FID by steps of ancestral sampling and DDIM (eta 0) with x0_hat clipped, from sections 1-2's stages."""
+    anc, table1 = r.result("packaged-samplers"), r.result("ddim-table1")
+    out: dict[str, dict[int, float]] = {}
+    if anc:
+        out["ancestral"] = {run["steps"]: run["fid"] for run in anc["runs"] if run["sampler"] == "ddpm"}
+    if table1:
+        out["ddim"] = {run["steps"]: run["fid"] for run in table1["runs"] if run["eta"] == 0.0}
+    return out
+
+
+def _first_step_note(r: "Report", runs: list[dict], T: int) -> None:
+    """Why the samplers whose first step is t = T - 1 fail without clipping (when they do)."""
+    top = [run for run in runs if run["first_t"] == T - 1]
+    later = [run for run in runs if run["first_t"] != T - 1]
+    if not top or not later or min(run["fid"] for run in top) <= max(run["fid"] for run in later):
+        return
+    abar = float(r.ctx.packaged_model().diffusion.alphas_cumprod.double()[T - 1])
+    r.add(f"Without clipping, every cell whose first step is t = T - 1 = {T - 1} scores FID "
+          f"{fmt(min(run['fid'] for run in top))} or worse ({', '.join(sorted({run['sampler'] for run in top}))}), "
+          f"every cell that starts later (uniform spacing, t = T - T/S) {fmt(max(run['fid'] for run in later))} or "
+          f"better. At t = T - 1 the cosine schedule (betas clipped at 0.999) has abar = {abar:.1e}, and x0_hat = "
+          f"(x_t - sqrt(1 - abar) eps_hat) / sqrt(abar) multiplies the model's eps error by 1 / sqrt(abar) = "
+          f"{abar ** -0.5:.0e}; unclipped, that x0_hat enters the first step's update. Clipping x0_hat (or "
+          f"starting at T - T/S) removes it.", "")
+
+
 def _default_claim(r: "Report", cell: dict, k: int, tol: float) -> None:
     """diffcore's default for learned-variance models should be the best sampler at ``k`` model evaluations."""
     default = cell.get((LEARNED_VARIANCE_DEFAULT, k))
@@ -98,12 +127,17 @@ def _default_claim(r: "Report", cell: dict, k: int, tol: float) -> None:
     agrees = lower(default["fid"], rival["fid"], tol)
     explanation = None
     if agrees is False:
-        explanation = (f"`{rival['sampler']}` scores {fmt(rival['fid'])} at {k} NFE against the default's "
-                       f"{fmt(default['fid'])}, beyond the noise ({fmt(tol)}): by this measurement the default of "
-                       f"`diffcore.sample(fast=True)` / `diffcore sample` for learned-variance models should be "
-                       f"`{rival['sampler']}` (issue 15 item 5 decides the default by this stage).")
+        explanation = (f"Without clipping `{rival['sampler']}` scores {fmt(rival['fid'])} at {k} NFE against "
+                       f"ancestral sampling's {fmt(default['fid'])}, beyond the noise ({fmt(tol)}); see section 7 "
+                       f"for why the samplers that start at t = T - 1 fail unclipped.")
+        clipped = clipped_fids(r)
+        if k in clipped.get("ancestral", {}):
+            explanation += (f" With clipping, the default of `diffcore.sample` / `diffcore sample`, ancestral "
+                            f"sampling scores {fmt(clipped['ancestral'][k])} at {k} steps (section 2), better than "
+                            f"every unclipped cell here; the clipped comparison of all samplers is not measured.")
     r.claims.append(Claim("sampler-default",
-                          f"respaced ancestral sampling with the learned variance (diffcore's default for such models) "
-                          f"gives the best FID of all samplers at {k} model evaluations",
+                          f"without x0 clipping (every sampler function's default), respaced ancestral sampling with "
+                          f"the learned variance (diffcore's default sampler for such models) gives the best FID "
+                          f"of all samplers at {k} model evaluations",
                           f"ancestral {fmt(default['fid'])}; best other: {rival['sampler']} {fmt(rival['fid'])}",
                           agrees, explanation))
