@@ -26,7 +26,7 @@ CPU_KERNELS = "csrc/cpu/kernels_cpu.cpp"  # compiled once per entry of _cpu_isas
 # -ffp-contract=off everywhere: no FMA contraction, so results stay close to the reference's on every ISA
 COMMON_CXX_FLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
 CUDA_SOURCES = ["csrc/cuda/kernels.cu", "csrc/cuda/ops_cuda.cpp"]
-BUILD_INFO_FILE = "_build_info.json"  # next to the .so: the torch it was built for (read by diffcore/_extension.py)
+BUILD_INFO_FILE = "_build_info.json"  # next to the .so: the torch it was built for (read by diffcore/extension.py)
 
 
 def _flag(name: str) -> bool:
@@ -128,7 +128,7 @@ def _build_ext():
 
 
 def _write_build_info(path: Path) -> None:
-    """Record the torch this extension is compiled against next to it (diffcore/_extension.py reads it: an
+    """Record the torch this extension is compiled against next to it (diffcore/extension.py reads it: an
     extension built for another torch cannot be imported to ask). Written to a temporary file, then renamed."""
     import json
 

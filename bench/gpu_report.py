@@ -232,10 +232,10 @@ def main(argv=None) -> int:
         print("gpu_report: no CUDA device visible to torch (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     if not ops.fused_available("cpu" if args.cpu_dry_run else "cuda"):
-        from diffcore import _extension
+        from diffcore import extension
 
-        print(f"gpu_report: diffcore was built without CUDA kernels ({_extension.build_info()}); "
-              f"{_extension.BUILD_HINT}", file=sys.stderr)
+        print(f"gpu_report: diffcore was built without CUDA kernels ({extension.build_info()}); "
+              f"{extension.BUILD_HINT}", file=sys.stderr)
         return 2
     report = measure(args)
     out = Path(args.out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import ops, reference  # noqa: E402
-from ._extension import build_info  # noqa: E402
+from .extension import build_info  # noqa: E402
 from .types import PredictionType, VarianceType  # noqa: E402
 
 # imported on first use: name -> (module, attribute or None for the module itself)

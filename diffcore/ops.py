@@ -28,8 +28,8 @@ from typing import Literal, Optional
 
 import torch
 
-from . import _extension
-from . import _validation as V
+from . import extension
+from . import checks as V
 from . import reference
 from .types import PredictionType, VarianceType, as_prediction_type, as_variance_type
 
@@ -40,7 +40,7 @@ __all__ = ["q_sample", "ddim_step", "ddpm_step", "hybrid_loss", "which_impl", "f
 
 def fused_available(device: "torch.device | str" = "cpu") -> bool:
     """True when the fused kernels are built for ``device``'s type."""
-    return _extension.has_fused_kernels(device)
+    return extension.has_fused_kernels(device)
 
 
 def which_impl(device: "torch.device | str | torch.Tensor", impl: Impl = "auto") -> Literal["fused", "reference"]:
@@ -55,9 +55,9 @@ def which_impl(device: "torch.device | str | torch.Tensor", impl: Impl = "auto")
     available = fused_available(device)
     if impl == "fused":
         if not available:
-            reason = _extension.load_error() or f"it was built without kernels for {torch.device(device).type}"
+            reason = extension.load_error() or f"it was built without kernels for {torch.device(device).type}"
             raise RuntimeError(f"impl='fused': the diffcore extension is not available ({reason}); "
-                               f"{_extension.BUILD_HINT}")
+                               f"{extension.BUILD_HINT}")
         return "fused"
     if impl != "auto":
         raise ValueError(f"impl: expected 'auto', 'fused' or 'reference', got {impl!r}")
@@ -365,7 +365,7 @@ def _register_fake_and_autograd() -> None:
     ddim_step and ddpm_step is that of the reference (``diffcore.reference.autograd``); hybrid_loss has a fused
     backward kernel for model_output and refuses to differentiate the rest.
     """
-    if _extension.load() is None:
+    if extension.load() is None:
         return
     fakes = {"q_sample": _fake_q_sample, "ddim_step": _fake_ddim_step, "ddpm_step": _fake_ddpm_step,
              "hybrid_loss": _fake_hybrid_loss, "hybrid_loss_backward": _fake_hybrid_loss_backward}

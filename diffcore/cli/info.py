@@ -20,7 +20,7 @@ def info() -> dict[str, Any]:
     """Versions, build information of the C++/CUDA extension, fused-kernel availability per device type, the
     visible devices and whether a packaged default model is installed."""
     from .. import __version__, build_info
-    from .._extension import has_fused_kernels
+    from ..extension import has_fused_kernels
     from ..pretrained import default_model_path
 
     cuda = torch.cuda.is_available()

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .._validation import FLOAT_DTYPES
+from ..checks import FLOAT_DTYPES
 
 __all__ = ["LinearOperator", "check_image_shape", "check_batch", "batch_dot"]
 

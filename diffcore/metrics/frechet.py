@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._validation import as_features, same_dim
+from .checks import as_features, same_dim
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._validation import as_features, positive_int, same_dim
+from .checks import as_features, positive_int, same_dim
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._validation import as_features, positive_int, same_dim
+from .checks import as_features, positive_int, same_dim
 from .classifier import FashionMNISTClassifier, extract_features, load_feature_extractor, prepare_images
 from .frechet import fid_from_features
 from .kid import kid_from_features
