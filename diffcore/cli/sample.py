@@ -115,7 +115,7 @@ def _output_files(args: argparse.Namespace, images, labels) -> dict:
 def run(args: argparse.Namespace) -> int:
     """Write the images of ``--n`` samples in ``--format`` (and the .npz), together or not at all."""
     from ..guidance import classifier_free_guidance
-    from ..pipelines.sample import sample
+    from ..pipelines.sample import DEFAULT_FAST_STEPS, sample
     from ..samplers import SAMPLER_INFO, default_sampler
 
     _check(args)
@@ -128,7 +128,10 @@ def run(args: argparse.Namespace) -> int:
     sampler = "ancestral" if args.ancestral else args.sampler or default_sampler(loaded.diffusion)
     if args.eta is not None and SAMPLER_INFO[sampler].eta_default is None and args.eta != 0:
         raise UsageError(f"--eta: the {sampler} sampler takes no eta (use ddim or dpm++2m-sde)")
-    steps = args.steps if args.steps is not None or not args.ancestral else None
+    if args.steps is not None:
+        steps = args.steps
+    else:  # --ancestral: all T steps; otherwise the front door's few steps
+        steps = None if args.ancestral else min(DEFAULT_FAST_STEPS, T)
     labels = _labels(args, loaded.num_classes, device)
     model, kwargs, batch_size = loaded.model, None, args.batch_size
     if labels is not None and args.guidance_scale is not None:
