@@ -113,13 +113,14 @@ CHILD = textwrap.dedent("""
     import torch
     from diffcore import checkpoint as ck
     from diffcore import outputs
+    from diffcore.checkpoint import atomic_replace
 
     target, point, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    real_write, real_exchange, real_rmtree, real_rename = outputs.write_synced, ck._exchange, shutil.rmtree, os.rename
+    real_write, real_exchange, real_rename = outputs.write_synced, atomic_replace.exchange_directories, os.rename
     if point == "mid-write":          # the third file of the new checkpoint is half written
         calls = []
         def write(file, data):
@@ -130,20 +131,20 @@ CHILD = textwrap.dedent("""
             real_write(file, data)
         outputs.write_synced = write
     elif point == "before-swap":
-        ck._exchange = lambda a, b: die()
+        atomic_replace.exchange_directories = lambda a, b: die()
     elif point == "after-swap":       # the new one is in place, the old one not yet deleted
-        ck._exchange = lambda a, b: (real_exchange(a, b), die())
+        atomic_replace.exchange_directories = lambda a, b: (real_exchange(a, b), die())
     elif point == "mid-delete-old":   # one file of the old checkpoint deleted, then killed
         def rmtree(path, ignore_errors=False):
             os.unlink(os.path.join(path, "config.json"))
             die()
-        ck.shutil.rmtree = rmtree
+        shutil.rmtree = rmtree
     elif point == "fallback-between-renames":  # no renameat2: killed after moving the old one aside
-        ck._exchange = lambda a, b: False
+        atomic_replace.exchange_directories = lambda a, b: False
         def rename(a, b):
             real_rename(a, b)
             die()
-        ck.os.rename = rename
+        os.rename = rename
     elif point == "latest-mid-write":  # save_to_folder: killed while writing the 'latest' pointer
         def write(file, data):
             if file.name.startswith(".latest.tmp-"):
