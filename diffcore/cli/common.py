@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["UsageError", "LoadedModel", "add_model_flags", "add_speed_flags", "apply_threads", "resolve_device",
+__all__ = ["UsageError", "LoadedModel", "add_model_flags", "add_speed_flags", "add_precision_flags", "apply_threads", "resolve_device",
            "load_model", "ddim_steps",
            "class_labels", "check_output_file", "check_output_folder"]
 
@@ -48,16 +48,22 @@ def add_model_flags(parser: argparse.ArgumentParser,
                         "with other jobs)")
 
 
-def add_speed_flags(parser: argparse.ArgumentParser) -> None:
-    """``--precision``, ``--compile``, ``--batch-size``: how a sampling command runs its model."""
+def add_precision_flags(parser: argparse.ArgumentParser, what: str = "the model") -> None:
+    """``--precision`` and ``--compile``: the compute precision of ``what`` and whether to torch.compile it."""
     from ..runtime import DEFAULT_PRECISION, PRECISIONS
 
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
-                        help="compute precision of the model (default auto: bf16 on GPUs and on CPUs where it is fast, "
-                        "AMX or AMD AVX512-BF16, else fp32; fp32 gives the same images on every machine)")
+                        help=f"compute precision of {what} (default {DEFAULT_PRECISION}: the same results on every "
+                        "machine up to float rounding; auto: bf16 on GPUs and on CPUs where it is fast, AMX or AMD "
+                        "AVX512-BF16, else fp32; bf16 on other CPUs is slower than fp32)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model (graphs cached under ~/.cache/diffcore; the first run compiles "
                         "for minutes on a CPU)")
+
+
+def add_speed_flags(parser: argparse.ArgumentParser) -> None:
+    """``--precision``, ``--compile``, ``--batch-size``: how a sampling command runs its model."""
+    add_precision_flags(parser)
     parser.add_argument("--batch-size", type=int, help="images per model call (default 64 on a CPU, all on a GPU)")
 
 

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 from ..outputs import write_together
-from .common import UsageError, add_model_flags, check_output_file, load_model
+from .common import UsageError, add_model_flags, add_precision_flags, check_output_file, load_model
 
 
 def register(sub) -> None:
@@ -20,6 +20,7 @@ def register(sub) -> None:
                        "--bpd-batches, also the variational bound in bits/dim on test images.")
     add_model_flags(p, steps_help="sampling steps (default 50, at most T): DDIM steps, or the respaced process of "
                  "--sampler ddpm")
+    add_precision_flags(p, "the model (samples and bits/dim; the scoring classifier stays fp32)")
     p.add_argument("--n", type=int, default=1000, help="number of samples, and of real images per floor half "
                    "(default 1000; at most half the real images)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="DDIM (default) or ancestral")
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--steps: expected 1..{diffusion.num_timesteps} (the model's T), got {steps}")
     report = evaluate_model(model, diffusion, shape, n=args.n, steps=steps, eta=args.eta, sampler=args.sampler,
                             seed=args.seed, batch_size=args.batch_size, real=real, bpd_batches=args.bpd_batches,
-                            bpd_batch_size=args.bpd_batch_size, device=diffusion.device, progress=args.progress)
+                            bpd_batch_size=args.bpd_batch_size, device=diffusion.device, progress=args.progress,
+                            precision=args.precision, compile=args.compile)
     payload = report.to_dict()
     payload["checkpoint"] = str(args.checkpoint) if args.checkpoint else "packaged"
     payload["real"] = args.real

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..images import load_image
 from ..pipelines.restore import RESTORE_TASKS, restore, write_restoration
-from .common import UsageError, add_model_flags, check_output_folder, load_model
+from .common import UsageError, add_model_flags, add_precision_flags, check_output_folder, load_model
 
 _BLUR_TASKS = ("deblur-gauss", "deblur-motion")
 _DEFAULT_STEPS = 250
@@ -25,6 +25,7 @@ def register(sub) -> None:
                        "DIR/baseline.png and DIR/metrics.json (PSNR and SSIM against the input).")
     add_model_flags(p, steps_help=f"reverse steps of a respaced process (default {_DEFAULT_STEPS}, at most T; DPS "
                  "works best with many)")
+    add_precision_flags(p, "the model's calls (the operator and the DPS step stay fp32)")
     p.add_argument("--task", required=True, metavar="TASK",
                    help=f"the degradation: one of {', '.join(RESTORE_TASKS)}")
     p.add_argument("--input", required=True, type=Path, metavar="IMAGE",
@@ -134,11 +135,13 @@ def run(args: argparse.Namespace) -> int:
     result = restore(model, diffusion, x, args.task, sigma_y=0.05 if args.sigma_y is None else args.sigma_y,
                      noise=args.noise, photon_rate=255.0 if args.photon_rate is None else args.photon_rate,
                      steps=steps, sampler=args.sampler, eta=args.eta, zeta=args.zeta, seed=args.seed,
-                     operator_kwargs=kwargs, clip_denoised=args.clip, progress=args.progress)
+                     operator_kwargs=kwargs, clip_denoised=args.clip, progress=args.progress,
+                     precision=args.precision, compile=args.compile)
     extra = {"input": str(args.input), "checkpoint": str(args.checkpoint) if args.checkpoint else "packaged"}
     report = write_restoration(result, args.out, extra=extra)
     print(f"diffcore restore: {args.task} of {args.input} ({'x'.join(map(str, shape))}), DPS {args.sampler} "
-          f"{steps} steps, zeta {args.zeta:g} (step {result.settings['step_size']:.4g}), seed {args.seed}")
+          f"{steps} steps, zeta {args.zeta:g} (step {result.settings['step_size']:.4g}), seed {args.seed}, "
+          f"{result.settings['dtype']}{' compiled' if args.compile else ''}")
     print(_format_scores(report))
     print(f"diffcore restore: wrote degraded.png, restored.png, baseline.png and metrics.json to {args.out} in "
           f"{time.perf_counter() - started:.1f} s")

@@ -1,6 +1,7 @@
 """``diffcore sample``: generate images with any sampler (``--sampler``, ``--steps``, ``--schedule``, ``--eta``),
-optionally class-conditional with classifier-free guidance (``--class``, ``--guidance-scale``), and write them as a
-PNG grid (default), one PNG per image or an ``.npz`` (``--format``), all outputs of a call together or none."""
+optionally class-conditional with classifier-free guidance (``--class``, ``--guidance-scale``) and/or classifier
+guidance by a noisy classifier (``--classifier``, ``--classifier-scale``), and write them as a PNG grid (default),
+one PNG per image or an ``.npz`` (``--format``), all outputs of a call together or none."""
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,21 @@ def register(sub) -> None:
     p.add_argument("--eta", type=float, help="stochasticity of ddim (default 0) and dpm++2m-sde (default 1)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale s for a class-conditional "
                    "model trained with label dropout (1: the conditional model, 0: unconditional, > 1: sharper)")
+    p.add_argument("--classifier", type=Path, metavar="PATH",
+                   help="classifier guidance (Dhariwal & Nichol 2021) by a noisy classifier checkpoint written by "
+                   "diffcore.guidance.save_classifier, trained on the model's noise schedule and image shape; "
+                   "needs --class; works with every sampler, with conditional and unconditional models, and with "
+                   "--guidance-scale")
+    p.add_argument("--classifier-scale", type=float, metavar="S",
+                   help="classifier guidance scale s >= 0 (default 1: the classifier's posterior; 0: unguided; "
+                   "larger: more class-typical)")
     p.add_argument("--format", choices=("grid", "png", "npz"), default="grid",
                    help="grid: one PNG grid (default); png: --out is a folder of numbered PNGs, one per image "
                    "(for torch-fidelity / clean-fid); npz: uint8 [N, H, W, C] as arr_0, labels as arr_1")
     p.add_argument("--seed", type=int, default=0, help="seed of all noise (default 0)")
     p.add_argument("--class", "--label", dest="label", type=int, nargs="+",
-                   help="class label(s) for a class-conditional model, cycled over the images (default: all classes "
-                   "in turn; the null class K for unconditional)")
+                   help="class label(s), cycled over the images: of a class-conditional model (default: all classes "
+                   "in turn; the null class K for unconditional) and/or the target of --classifier (required there)")
     p.add_argument("--out", type=Path, help="output: the PNG grid (default samples.png), the folder of PNGs "
                    "(default samples/) or the .npz (default samples.npz)")
     p.add_argument("--npz", type=Path, help="also write the images as uint8 [N, H, W, C] (arr_0, labels arr_1) to .npz")
@@ -62,8 +71,20 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--eta: expected a finite value >= 0, got {args.eta}")
     if args.guidance_scale is not None and not abs(args.guidance_scale) < float("inf"):
         raise UsageError(f"--guidance-scale: expected a finite number, got {args.guidance_scale}")
+    if args.classifier_scale is not None:
+        if args.classifier is None:
+            raise UsageError("--classifier-scale: applies with --classifier")
+        if not 0 <= args.classifier_scale < float("inf"):
+            raise UsageError(f"--classifier-scale: expected a finite value >= 0, got {args.classifier_scale}")
+    if args.classifier is not None and args.label is None:
+        raise UsageError("--classifier: needs --class K [K ...], the target label(s) of the classifier guidance")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    if args.batch_size is not None and args.batch_size < args.n and \
+            (args.classifier is not None or args.guidance_scale is not None):
+        flag = "--classifier" if args.classifier is not None else "--guidance-scale"
+        raise UsageError(f"--batch-size: guided sampling ({flag}) runs all --n {args.n} images as one batch, got "
+                         f"--batch-size {args.batch_size}")
     if args.nrow is not None and args.nrow < 1:
         raise UsageError(f"--nrow: expected >= 1, got {args.nrow}")
     args.out = args.out if args.out is not None else DEFAULT_OUT[args.format]
@@ -77,20 +98,51 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError("--npz: must differ from --out")
 
 
-def _labels(args: argparse.Namespace, num_classes, device):
-    """int64 ``[n]`` labels (the given ones cycled, or every class in turn), or None for an unconditional model."""
+def _labels(args: argparse.Namespace, num_classes, classifier_classes, device):
+    """int64 ``[n]`` labels (the given ones cycled, or every class of a class-conditional model in turn), or None
+    for an unconditional model without a classifier. ``classifier_classes``: K of ``--classifier`` (or None)."""
     import torch
 
     if num_classes is None:
-        if args.label is not None or args.guidance_scale is not None:
-            flag = "--class" if args.label is not None else "--guidance-scale"
-            raise UsageError(f"{flag}: the model is not class-conditional")
-        return None
+        if args.guidance_scale is not None:
+            raise UsageError("--guidance-scale: the model is not class-conditional (for classifier guidance of an "
+                             "unconditional model use --classifier)")
+        if classifier_classes is None:
+            if args.label is not None:
+                raise UsageError("--class: the model is not class-conditional (give a --classifier to guide it)")
+            return None
     labels = args.label if args.label is not None else list(range(num_classes))
-    bad = [k for k in labels if not 0 <= k <= num_classes]
+    if classifier_classes is not None:  # a target of the classifier (and a real class of a conditional model)
+        top = classifier_classes if num_classes is None else min(classifier_classes, num_classes)
+        expected = f"0..{top - 1} (the classifier has {classifier_classes} classes" + \
+            (f", the model {num_classes})" if num_classes is not None else ")")
+    else:
+        top, expected = num_classes + 1, f"0..{num_classes} ({num_classes} = unconditional)"
+    bad = [k for k in labels if not 0 <= k < top]
     if bad:
-        raise UsageError(f"--class: expected labels in 0..{num_classes} ({num_classes} = unconditional), got {bad}")
+        raise UsageError(f"--class: expected labels in {expected}, got {bad}")
     return torch.tensor(labels, dtype=torch.int64, device=device).repeat(-(-args.n // len(labels)))[:args.n]
+
+
+def _guided_model(args: argparse.Namespace, loaded, labels, classifier):
+    """(model, model_kwargs, compile) to sample with: the loaded model, wrapped for classifier-free guidance
+    (--guidance-scale) and then classifier guidance (--classifier); a guided model is compiled inside the wrappers."""
+    from ..guidance import classifier_free_guidance, classifier_guidance
+    from ..runtime import compile_model
+
+    model, kwargs, compile_ = loaded.model, None, args.compile
+    guided = args.guidance_scale is not None or classifier is not None
+    if guided and compile_:  # the wrappers are not modules: compile the network inside them
+        model, compile_ = compile_model(model), False
+    if labels is not None and args.guidance_scale is not None:
+        model = classifier_free_guidance(model, labels, args.guidance_scale, null_class=loaded.num_classes)
+    elif labels is not None and loaded.num_classes is not None:
+        kwargs = {"y": labels}
+    if classifier is not None:
+        scale = 1.0 if args.classifier_scale is None else args.classifier_scale
+        model = classifier_guidance(model, classifier.classifier, labels, scale, loaded.diffusion.alphas_cumprod,
+                                    prediction_type=loaded.diffusion.prediction_type)
+    return model, kwargs, compile_
 
 
 def _output_files(args: argparse.Namespace, images, labels) -> dict:
@@ -114,7 +166,7 @@ def _output_files(args: argparse.Namespace, images, labels) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Write the images of ``--n`` samples in ``--format`` (and the .npz), together or not at all."""
-    from ..guidance import classifier_free_guidance
+    from ..guidance import check_classifier_fits, load_classifier
     from ..pipelines.sample import DEFAULT_FAST_STEPS, sample
     from ..samplers import SAMPLER_INFO, default_sampler
 
@@ -132,24 +184,27 @@ def run(args: argparse.Namespace) -> int:
         steps = args.steps
     else:  # --ancestral: all T steps; otherwise the front door's few steps
         steps = None if args.ancestral else min(DEFAULT_FAST_STEPS, T)
-    labels = _labels(args, loaded.num_classes, device)
-    model, kwargs, batch_size = loaded.model, None, args.batch_size
-    if labels is not None and args.guidance_scale is not None:
-        model = classifier_free_guidance(loaded.model, labels, args.guidance_scale, null_class=loaded.num_classes)
-        batch_size = args.n  # the guided model holds the labels of the whole batch
-    elif labels is not None:
-        kwargs = {"y": labels}
+    classifier = None
+    if args.classifier is not None:
+        classifier = load_classifier(args.classifier, device)
+        check_classifier_fits(classifier, loaded.diffusion, loaded.image_shape)
+    labels = _labels(args, loaded.num_classes, classifier.num_classes if classifier else None, device)
+    model, kwargs, compile_ = _guided_model(args, loaded, labels, classifier)
+    guided = classifier is not None or args.guidance_scale is not None
+    batch_size = args.n if guided else args.batch_size  # a guided model holds the labels of the whole batch
     images = sample(model, n=args.n, steps=steps, sampler=sampler, schedule=args.schedule, eta=args.eta,
                     clip_denoised=args.clip,
                     seed=args.seed, device=device, diffusion=loaded.diffusion, image_shape=loaded.image_shape,
-                    progress=args.progress, model_kwargs=kwargs, precision=args.precision, compile=args.compile,
+                    progress=args.progress, model_kwargs=kwargs, precision=args.precision, compile=compile_,
                     batch_size=batch_size)
     files = _output_files(args, images, labels)
     write_together(files)
     wrote = f"{args.out}" + (f" ({args.n} PNGs)" if args.format == "png" else "") + \
         (f" and {args.npz}" if args.npz else "")
     what = f"{sampler}, {steps or T} steps" + (f", eta {args.eta}" if args.eta is not None else "") + \
-        (f", guidance scale {args.guidance_scale}" if args.guidance_scale is not None else "")
+        (f", guidance scale {args.guidance_scale}" if args.guidance_scale is not None else "") + \
+        (f", classifier guidance scale {1.0 if args.classifier_scale is None else args.classifier_scale}"
+         if classifier is not None else "")
     print(f"diffcore sample: wrote {wrote} ({args.n} images, {what}, seed {args.seed}) in "
           f"{time.perf_counter() - started:.1f} s on {device}")
     return 0

@@ -9,6 +9,9 @@ Quality is measured by :func:`diffcore.metrics.score_samples` in the feature spa
 classifier, not Inception: the numbers compare **within this project only**, and only at equal sample counts (FID
 and KID are biased by the count; the floor, two disjoint halves of the real images at the same count, is what a
 perfect generator would score). Models trained with ``pad_to`` (e.g. 28 -> 32) are cropped back to 28 x 28.
+
+``precision=`` and ``compile=`` mean what they mean in :func:`diffcore.sample` and apply to every model call (the
+samples and the bits/dim); the scoring classifier always runs in float32. The model is compiled once per call.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..runtime import DEFAULT_PRECISION, Precision, compile_model, precision_context, resolve_precision
 from ..samplers import SamplerName
 
 __all__ = ["EvalReport", "BpdSummary", "load_real_images", "generate", "to_classifier_input", "bits_per_dim",
@@ -97,12 +101,14 @@ def to_classifier_input(images: torch.Tensor) -> torch.Tensor:
 def generate(model, diffusion, image_shape: Sequence[int], n: int, *, steps: int = 50, eta: float = 0.0,
              sampler: SamplerName = "ddim", seed: int = 0, batch_size: int = 250,
              device: "torch.device | str | None" = None, progress: bool = True,
-             skip_type: "str | None" = None) -> torch.Tensor:
+             skip_type: "str | None" = None, precision: Precision = DEFAULT_PRECISION,
+             compile: bool = False) -> torch.Tensor:
     """``n`` samples as float32 ``[n, C, H, W]`` in [-1, 1] on the CPU, in batches of ``batch_size``: batch k is
     :func:`diffcore.sample` with seed ``seed + k`` (so the images depend on ``batch_size``); ``sampler`` "ddim"
     (``steps`` DDIM steps, ``eta``) or "ddpm" (ancestral on a process respaced to ``steps``), clip_denoised;
     ``skip_type`` the timestep spacing (default: :func:`diffcore.sample`'s, "uniform" for DDIM when steps divides
-    T, "even" otherwise)."""
+    T, "even" otherwise); ``precision`` and ``compile`` as in :func:`diffcore.sample` (the model is compiled once
+    for all batches)."""
     from .sample import sample
 
     if sampler not in ("ddim", "ddpm"):
@@ -112,13 +118,16 @@ def generate(model, diffusion, image_shape: Sequence[int], n: int, *, steps: int
     for name, value in (("n", n), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    _check_compile(compile)
+    runner = compile_model(model) if compile else model
     parts = []
     starts = range(0, n, batch_size)
     for k, start in enumerate(tqdm(starts, desc="sampling", unit="batch", disable=not progress)):
         count = min(batch_size, n - start)
-        images = sample(model, n=count, sampler="ddim" if sampler == "ddim" else "ancestral", steps=steps,
+        images = sample(runner, n=count, sampler="ddim" if sampler == "ddim" else "ancestral", steps=steps,
                         eta=eta if sampler == "ddim" else None, seed=seed + k, device=device, diffusion=diffusion,
-                        image_shape=image_shape, progress=False, skip_type=skip_type, clip_denoised=True)
+                        image_shape=image_shape, progress=False, skip_type=skip_type, clip_denoised=True,
+                        precision=precision)
         parts.append(images.float().cpu())
     return torch.cat(parts)
 
@@ -126,11 +135,13 @@ def generate(model, diffusion, image_shape: Sequence[int], n: int, *, steps: int
 @torch.no_grad()
 def bits_per_dim(model, diffusion, real: torch.Tensor, image_shape: Sequence[int], *, batches: int,
                  batch_size: int = 64, seed: int = 0, device: "torch.device | str | None" = None,
-                 progress: bool = True) -> BpdSummary:
+                 progress: bool = True, precision: Precision = DEFAULT_PRECISION, compile: bool = False) -> BpdSummary:
     """The variational bound in bits/dim (:meth:`GaussianDiffusion.calc_bpd_loop`, all T timesteps) on
     ``batches`` batches of ``batch_size`` real images (uint8 ``[N, 1, 28, 28]``) drawn without replacement by a
     numpy Generator(seed), padded to ``image_shape`` as in training; x_t noise from torch generators seeded
-    ``seed + k`` on ``device``."""
+    ``seed + k`` on ``device``. ``precision``: the model's calls run under autocast to
+    :func:`diffcore.runtime.resolve_precision`'s dtype (the bound's terms are computed in float32 from its outputs);
+    ``compile``: through :func:`diffcore.runtime.compile_model`."""
     from ..data import ImageDataset
 
     for name, value in (("batches", batches), ("batch_size", batch_size)):
@@ -145,13 +156,17 @@ def bits_per_dim(model, diffusion, real: torch.Tensor, image_shape: Sequence[int
     _pad_offsets(image_shape)
     dataset = ImageDataset(real, pad_to=size if size != 28 else None)
     device = torch.device(device) if device is not None else diffusion.device
+    dtype = resolve_precision(precision, device)
+    _check_compile(compile)
+    runner = compile_model(model) if compile else model
     diffusion = diffusion.to(device)
     order = torch.from_numpy(np.random.default_rng(seed).permutation(real.shape[0])[:batches * batch_size])
     totals, priors, decoders = [], [], []
     for k in tqdm(range(batches), desc="bits/dim", unit="batch", disable=not progress):
         x0, _ = dataset.batch(order[k * batch_size:(k + 1) * batch_size])
         generator = torch.Generator(device=device).manual_seed(seed + k)
-        result = diffusion.calc_bpd_loop(model, x0.to(device), generator=generator, progress=False)
+        with precision_context(dtype, device):
+            result = diffusion.calc_bpd_loop(runner, x0.to(device), generator=generator, progress=False)
         totals.append(result.total_bpd.double().cpu())
         priors.append(result.prior_bpd.double().cpu())
         decoders.append(result.decoder_bpd.double().cpu())
@@ -162,6 +177,11 @@ def bits_per_dim(model, diffusion, real: torch.Tensor, image_shape: Sequence[int
                       batches=batches, batch_size=batch_size)
 
 
+def _check_compile(compile: Any) -> None:
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile: expected a bool, got {type(compile).__name__}")
+
+
 def _metrics_dict(m) -> dict[str, float]:
     return {"fid": m.fid, "kid_mean": m.kid_mean, "kid_std": m.kid_std, "precision": m.precision,
             "recall": m.recall}
@@ -170,16 +190,23 @@ def _metrics_dict(m) -> dict[str, float]:
 def evaluate_model(model, diffusion, image_shape: Sequence[int], *, n: int = 1000, steps: int = 50,
                    eta: float = 0.0, sampler: SamplerName = "ddim", seed: int = 0, batch_size: int = 250,
                    real: Optional[torch.Tensor] = None, bpd_batches: int = 0, bpd_batch_size: int = 64,
-                   device: "torch.device | str | None" = None, progress: bool = True) -> EvalReport:
+                   device: "torch.device | str | None" = None, progress: bool = True,
+                   precision: Precision = DEFAULT_PRECISION, compile: bool = False) -> EvalReport:
     """Sample ``n`` images (:func:`generate`) and score them against ``real`` (uint8 ``[N, 1, 28, 28]``, default
     the Fashion-MNIST test split; needs N >= 2n) with :func:`diffcore.metrics.score_samples` (``with_floor``, split by
-    ``seed``); with ``bpd_batches`` > 0 also :func:`bits_per_dim` on that many batches. Returns an
-    :class:`EvalReport`."""
+    ``seed``); with ``bpd_batches`` > 0 also :func:`bits_per_dim` on that many batches. ``precision`` and
+    ``compile`` as in :func:`diffcore.sample`, for the samples and the bits/dim (compiled once). Returns an
+    :class:`EvalReport` (its settings record precision, the dtype it resolved to, and compile)."""
     import time
 
     from ..metrics import score_samples
 
     _pad_offsets(image_shape)
+    _check_compile(compile)
+    dtype = resolve_precision(precision, device if device is not None else diffusion.device)
+    compiled = compile
+    if compile:
+        model = compile_model(model)
     if real is None:
         real = load_real_images()
     if real.shape[0] < 2 * n:
@@ -188,7 +215,7 @@ def evaluate_model(model, diffusion, image_shape: Sequence[int], *, n: int = 100
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     images = generate(model, diffusion, image_shape, n, steps=steps, eta=eta, sampler=sampler, seed=seed,
-                      batch_size=batch_size, device=device, progress=progress)
+                      batch_size=batch_size, device=device, progress=progress, precision=precision)
     seconds["sampling"] = time.perf_counter() - started
     started = time.perf_counter()
     scores = score_samples(to_classifier_input(images), real, with_floor=True, seed=seed, progress=progress)
@@ -197,11 +224,12 @@ def evaluate_model(model, diffusion, image_shape: Sequence[int], *, n: int = 100
     if bpd_batches:
         started = time.perf_counter()
         bpd = bits_per_dim(model, diffusion, real, image_shape, batches=bpd_batches, batch_size=bpd_batch_size,
-                           seed=seed, device=device, progress=progress)
+                           seed=seed, device=device, progress=progress, precision=precision)
         seconds["bpd"] = time.perf_counter() - started
     settings = {"sampler": sampler, "steps": steps, "eta": eta if sampler == "ddim" else None, "seed": seed,
                 "batch_size": batch_size, "num_timesteps": diffusion.num_timesteps, "image_shape": list(image_shape),
-                "num_real": int(real.shape[0]), "k": scores.k}
+                "num_real": int(real.shape[0]), "k": scores.k, "precision": precision,
+                "dtype": str(dtype).replace("torch.", ""), "compile": compiled}
     return EvalReport(metrics=_metrics_dict(scores), floor=_metrics_dict(scores.floor), num_samples=n, bpd=bpd,
                       settings=settings, seconds=seconds)
 
