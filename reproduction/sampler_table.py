@@ -1,9 +1,10 @@
 """Every named sampler on the packaged model at equal cost: FID at each count of model evaluations (NFE) in
-``sampler_evaluations``, from the same x_T, with each sampler's defaults (spacing, eta, ``clip_denoised=False``)."""
+``sampler_evaluations``, from the same x_T, with each sampler's defaults (spacing, eta), once with
+``clip_denoised=False`` (every sampler function's default) and once clipped (``diffcore.sample``'s default)."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from diffcore.images import save_image_grid
 from diffcore.samplers import SAMPLER_INFO, steps_for_evaluations
@@ -24,7 +25,7 @@ class VisitedSteps:
         self.timesteps.append(int(t))
 
 
-def run_sampler_cell(ctx: Context, bundle, sampler: str, evaluations: int) -> dict[str, Any]:
+def run_sampler_cell(ctx: Context, bundle, sampler: str, evaluations: int, clip_denoised: bool) -> dict[str, Any]:
     """``settings.sampler_samples`` images of ``sampler`` with the most steps that cost at most ``evaluations``
     model calls per image (:func:`diffcore.samplers.steps_for_evaluations`: Heun takes 2 S - 1 calls for S
     steps), scored against the reference set. Returns the metrics, ``steps``, the model calls per image counted
@@ -34,10 +35,10 @@ def run_sampler_cell(ctx: Context, bundle, sampler: str, evaluations: int) -> di
     steps = steps_for_evaluations(sampler, evaluations)
     started = time.perf_counter()
     images = draw(ctx, counter, bundle.diffusion, bundle.image_shape, s.sampler_samples, sampler=sampler,
-                  steps=steps, clip_denoised=False, callback=visited)
+                  steps=steps, clip_denoised=clip_denoised, callback=visited)
     seconds = time.perf_counter() - started
     if evaluations == max(s.sampler_evaluations):
-        save_image_grid(images[:16], ctx.figures / f"sampler_{sampler}_nfe{evaluations}.png", nrow=8)
+        save_image_grid(images[:16], ctx.figures / grid_name(sampler, evaluations, clip_denoised), nrow=8)
     result = ctx.scorer.score(images, seed=s.seed)
     info = SAMPLER_INFO[sampler]
     result.update(sampler=sampler, target_evaluations=int(evaluations), steps=int(steps),
@@ -49,13 +50,18 @@ def run_sampler_cell(ctx: Context, bundle, sampler: str, evaluations: int) -> di
     return result
 
 
-def run_sampler_table(ctx: Context) -> dict[str, Any]:
-    """Every sampler of ``sampler_names`` at every count of ``sampler_evaluations`` (:func:`run_sampler_cell`),
+def grid_name(sampler: str, evaluations: int, clip_denoised: bool) -> str:
+    """File name of a cell's sample grid under the report's figures."""
+    return f"sampler_{sampler}_nfe{evaluations}{'_clipped' if clip_denoised else ''}.png"
+
+
+def run_sampler_table(ctx: Context, clip_denoised: bool, names: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Every sampler of ``names`` (default ``sampler_names``) at every count of ``sampler_evaluations`` (:func:`run_sampler_cell`),
     plus the real-vs-real floor and the FID spread of disjoint real sets at ``sampler_samples`` images."""
     s = ctx.settings
     bundle = ctx.packaged_model()
     bundle.model.eval()
-    runs = [run_sampler_cell(ctx, bundle, sampler, nfe) for sampler in s.sampler_names
+    runs = [run_sampler_cell(ctx, bundle, sampler, nfe, clip_denoised) for sampler in (names or s.sampler_names)
             for nfe in s.sampler_evaluations]
-    return {"model": "packaged", "description": describe(bundle), "clip_denoised": False, "runs": runs,
+    return {"model": "packaged", "description": describe(bundle), "clip_denoised": clip_denoised, "runs": runs,
             "floor": ctx.scorer.floor(s.sampler_samples), "spread": ctx.scorer.fid_spread(s.sampler_samples)}

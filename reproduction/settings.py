@@ -7,7 +7,7 @@ import hashlib
 import json
 from typing import Any
 
-from diffcore.samplers import SAMPLERS
+from diffcore.samplers import KARRAS_SIGMA_MAX, SAMPLER_INFO, SAMPLERS
 from diffcore.unet import UNetConfig
 
 #: The DPS table's tasks (the DPS paper's, plus CT and outpainting's cousin, random inpainting).
@@ -46,7 +46,9 @@ class ReproSettings:
     ``dps_sigma_y``. Speed: ``speed_batch`` images, ``speed_repeats`` timed runs (the median is reported), and one
     run of ancestral sampling over all T steps when ``speed_full_ancestral``. Sampler table: each of
     ``sampler_names`` on the packaged model at each count of model evaluations in ``sampler_evaluations``,
-    ``sampler_samples`` images per cell (scored against the same reference set of ``num_samples`` images).
+    ``sampler_samples`` images per cell (scored against the same reference set of ``num_samples`` images), once
+    with each sampler's ``clip_denoised=False`` default (stage ``sampler-table``) and once with x0_hat clipped as
+    ``diffcore.sample`` does (one stage per sampler, ``sampler-table-clipped-<sampler>``).
     """
 
     name: str = "full"
@@ -77,6 +79,10 @@ class ReproSettings:
     sampler_names: tuple[str, ...] = SAMPLERS
     sampler_evaluations: tuple[int, ...] = (10, 20, 50)
     sampler_samples: int = 500
+    #: the library defaults the sampler tables measured (each sampler's default spacing, the Karras spacing's
+    #: sigma_max): not set here, recorded so that changing a default in diffcore reruns the stages
+    sampler_defaults: tuple[str, ...] = tuple(f"{name}:{SAMPLER_INFO[name].default_schedule}" for name in SAMPLERS) \
+        + (f"karras_sigma_max:{KARRAS_SIGMA_MAX:g}",)
 
     @classmethod
     def full(cls) -> "ReproSettings":

@@ -228,6 +228,14 @@ def test_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys):
         assert not out.exists() and stdout == ""
 
 
+def test_a_classifier_given_as_the_model_is_named(files, tmp_path, capsys):
+    out = tmp_path / "never.png"
+    code, stdout, err = run_cli(capsys, "sample", "--checkpoint", files["classifier"], "--n", 2, "--steps", 2,
+                                "--out", out, "--no-progress")
+    assert code != 0 and "got a 'noisy-classifier' checkpoint" in err and "pass it as --classifier" in err, err
+    assert err.count("\n") == 1 and not out.exists()
+
+
 def test_classifier_guidance_with_compile_and_bf16(files, tmp_path, capsys, monkeypatch):
     """--compile compiles the diffusion network inside the guidance wrapper (aot_eager here: seconds, not minutes);
     --precision bf16 runs the model and the classifier's gradient under autocast."""

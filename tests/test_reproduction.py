@@ -59,18 +59,22 @@ def test_quick_preset_runs_every_stage_and_the_report_quotes_the_stored_numbers(
     # registry's cost formula says (Heun: 2 S - 1 for S steps) and within the budget, and the report quotes the FIDs
     from diffcore.samplers import SAMPLER_INFO, SAMPLERS
 
-    table = json.loads((out / "results" / "sampler-table.json").read_text())["data"]
-    assert {(run["sampler"], run["target_evaluations"]) for run in table["runs"]} == {
-        (name, k) for name in SAMPLERS for k in settings.sampler_evaluations}
-    for run in table["runs"]:
-        assert run["evaluations"] == SAMPLER_INFO[run["sampler"]].model_calls(run["steps"]) <= run["target_evaluations"]
-        assert run["evaluations"] >= run["target_evaluations"] - 1 and run["visited"] == run["steps"]
-        assert run["n"] == settings.sampler_samples
-    for name in SAMPLERS:
-        fids = [run["fid"] for run in sorted(table["runs"], key=lambda r: r["target_evaluations"])
-                if run["sampler"] == name]
-        assert f"| `{name}` | {SAMPLER_INFO[name].order} | " in report
-        assert " | ".join(fmt(v) for v in fids) in report
+    plain = json.loads((out / "results" / "sampler-table.json").read_text())["data"]
+    clipped = [json.loads((out / "results" / f"sampler-table-clipped-{name}.json").read_text())["data"]
+               for name in SAMPLERS]
+    assert not plain["clip_denoised"] and all(part["clip_denoised"] for part in clipped)
+    for runs in (plain["runs"], [run for part in clipped for run in part["runs"]]):
+        assert {(run["sampler"], run["target_evaluations"]) for run in runs} == {
+            (name, k) for name in SAMPLERS for k in settings.sampler_evaluations}
+        for run in runs:
+            assert run["evaluations"] == SAMPLER_INFO[run["sampler"]].model_calls(run["steps"]) \
+                <= run["target_evaluations"]
+            assert run["evaluations"] >= run["target_evaluations"] - 1 and run["visited"] == run["steps"]
+            assert run["n"] == settings.sampler_samples
+        for name in SAMPLERS:
+            fids = [run["fid"] for run in sorted(runs, key=lambda r: r["target_evaluations"]) if run["sampler"] == name]
+            assert f"| `{name}` | {SAMPLER_INFO[name].order} | " in report
+            assert " / ".join(fmt(v) for v in fids) in report
     # DPS: every task's row is there, and its PSNR matches the stored mean
     dps = json.loads((out / "results" / "dps-sr4.json").read_text())["data"]
     assert f"{dps['restored']['psnr']['mean']:.2f} +- " in report

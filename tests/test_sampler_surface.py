@@ -110,14 +110,50 @@ def test_trailing_and_karras_spacings(linear):
     assert trailing_timesteps(10, 3) == [2, 6, 9]  # round([10, 6.67, 3.33]) - 1, as diffusers
     abar = linear.alphas_cumprod
     for steps in (5, 10, 50):
-        kept = karras_timesteps(abar, steps)
+        kept = karras_timesteps(abar, steps, sigma_max=math.inf)
         assert len(kept) == steps and kept == sorted(set(kept)) and kept[-1] == 999 and kept[0] == 0
     # independent: the EDM sigmas (rho = 7) between the ends, each matched to the timestep of nearest log sigma
     sigma = ((1 - abar) / abar).sqrt()
-    lo, hi = float(sigma[0]), float(sigma[-1])
-    targets = [(hi ** (1 / 7) + i / 9 * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7 for i in range(10)]
-    nearest = sorted(int((sigma.log() - math.log(s)).abs().argmin()) for s in targets)
-    assert karras_timesteps(abar, 10) == nearest
+
+    def nearest_to_edm_sigmas(hi, steps=10):
+        lo = float(sigma[0])
+        targets = [(hi ** (1 / 7) + i / (steps - 1) * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7 for i in range(steps)]
+        return sorted(int((sigma.log() - math.log(s)).abs().argmin()) for s in targets)
+
+    assert float(sigma[-1]) > 150  # the linear schedule ends at sigma 157: the whole range, or capped at EDM's 80
+    assert karras_timesteps(abar, 10, sigma_max=math.inf) == nearest_to_edm_sigmas(float(sigma[-1]))
+    assert karras_timesteps(abar, 10) == nearest_to_edm_sigmas(80.0)
+    assert karras_timesteps(abar, 10, sigma_max=20.0) == nearest_to_edm_sigmas(20.0)
+    assert abs(float(sigma[karras_timesteps(abar, 10)[-1]]) / 80.0 - 1) < 0.02
+    for bad in (0.0, -1.0, True, "80"):
+        with pytest.raises(ValueError, match="sigma_max: expected a number > 0"):
+            karras_timesteps(abar, 10, sigma_max=bad)
+
+
+def test_heun_on_the_cosine_schedule_needs_the_capped_karras_spacing():
+    """Issue 15: on the cosine schedule (betas clipped at 0.999: sigma(T - 1) = 2e4) Heun's trapezoid over a first
+    interval from sigma 2e4 to ~20 (quadratic spacing) weights the slope at its low end by half the interval, so
+    even the exact model's samples come out wrong; its default spacing, Karras from sigma 80, samples the data.
+    With an imperfect model (exact + a smooth error) every ODE sampler that starts at T - 1 amplifies the error by
+    ~sigma(T - 1) / sigma(next) and blows up, while the capped spacing keeps them near the data."""
+    cosine = make_schedule("cosine", 1000)
+    d = GaussianDiffusion(cosine, "eps", "fixed_small")
+    data = GaussianData(MU, COV, cosine.alphas_cumprod)
+    exact = data.model(d)
+    assert SAMPLER_INFO["heun"].default_schedule == "karras"
+
+    def draw(sampler, model, schedule=None):
+        steps = steps_for_evaluations(sampler, 50)
+        return run_sampler(sampler, model, d, (4000, 2), steps=steps, schedule=schedule, seed=0, dtype=F64,
+                           progress=False).sample
+
+    assert whitened_moments_ok(draw("heun", exact), MU, COV, k=6.0)
+    assert not whitened_moments_ok(draw("heun", exact, "quad_full"), MU, COV, k=6.0)
+    imperfect = lambda x, t: exact(x, t) + 0.05 * torch.tanh(3 * x)  # noqa: E731
+    for sampler in ("heun", "dpm++2m", "euler"):
+        capped, from_top = draw(sampler, imperfect, "karras"), draw(sampler, imperfect, "quad_full")
+        assert float((torch.cov(capped.T) - COV).abs().max()) < 0.3, sampler
+        assert float((torch.cov(from_top.T) - COV).abs().max()) > 100, sampler
 
 
 def test_inversion_leaves_out_the_singular_last_step_of_the_cosine_schedule():

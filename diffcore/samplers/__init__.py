@@ -31,11 +31,11 @@ from .loop import SampleResult, StepCallback, draw_seed, initial_noise
 from .ode import ODE_SOLVERS, OdeSolver, ode_sample, ode_sigmas
 from .registry import (SAMPLER_INFO, SAMPLERS, SamplerChoice, SamplerInfo, check_sampler, default_sampler, run_sampler,
                        steps_for_evaluations)
-from .spacing import SPACINGS, Spacing, karras_timesteps, sampling_timesteps, trailing_timesteps
+from .spacing import KARRAS_SIGMA_MAX, SPACINGS, Spacing, karras_timesteps, sampling_timesteps, trailing_timesteps
 from .step import SAMPLER_NAMES, ReverseStep, SamplerName, reverse_step
 
 __all__ = ["SampleResult", "StepCallback", "draw_seed", "initial_noise", "ddpm_sample", "ddim_sample", "ddim_invert",
            "ddim_sequence", "slerp", "slerp_path", "ode_sample", "ode_sigmas", "OdeSolver", "ODE_SOLVERS",
            "SamplerName", "SAMPLER_NAMES", "ReverseStep", "reverse_step", "inversion_timesteps", "SamplerChoice",
            "SAMPLERS", "SamplerInfo", "SAMPLER_INFO", "run_sampler", "default_sampler", "check_sampler", "steps_for_evaluations", "Spacing", "SPACINGS",
-           "sampling_timesteps", "karras_timesteps", "trailing_timesteps"]
+           "sampling_timesteps", "karras_timesteps", "trailing_timesteps", "KARRAS_SIGMA_MAX"]

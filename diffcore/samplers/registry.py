@@ -64,7 +64,7 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
     "ddim": SamplerInfo(1, 1, False, 0.0, "uniform"),
     "ancestral": SamplerInfo(1, 1, True, None, "even"),
     "euler": SamplerInfo(1, 1, False, None, "uniform"),
-    "heun": SamplerInfo(2, 2, False, None, "quad_full"),
+    "heun": SamplerInfo(2, 2, False, None, "karras"),
     "dpm++2m": SamplerInfo(2, 1, False, None, "quad_full"),
     "dpm++2m-sde": SamplerInfo(1, 1, True, 1.0, "quad_full"),
 }

@@ -232,6 +232,10 @@ def config_from_checkpoint(data: Any, version: int, where: str = "checkpoint") -
         return [name for name in names if prefix + name not in RESUMABLE_CHANGES
                 and CONFIG_FIELDS_ADDED.get(prefix + name, 0) <= version]
 
+    kind = data.get("kind")
+    if kind is not None:  # diffusion checkpoints carry no kind; a noisy classifier's says "noisy-classifier"
+        hint = " (a classifier for guidance: pass it as --classifier)" if kind == "noisy-classifier" else ""
+        raise CheckpointError(f"{where}: expected a diffusion model checkpoint, got a {kind!r} checkpoint{hint}")
     model = data.get("model")
     if "model" in data and not isinstance(model, Mapping):
         raise CheckpointError(f"{where}: config.json field 'model' must be an object, got {type(model).__name__}")
