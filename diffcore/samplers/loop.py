@@ -93,7 +93,7 @@ def prepare(diffusion: GaussianDiffusion, shape: Optional[Sequence[int]], x_T: O
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating-point torch.dtype for x_T, got {dtype!r}")
         device = torch.device(device) if device is not None else diffusion.device
-    check_first_row(first_row, x_T.shape[0] if x_T is not None else shape[0])
+    first_row = check_first_row(first_row, x_T.shape[0] if x_T is not None else shape[0])
     diffusion = diffusion.to(device)
     if needs_noise or x_T is None:
         seed = draw_seed(seed, generator)
