@@ -29,6 +29,7 @@ struct Noise {
   Rows given;         // given.data == nullptr: draw in-kernel from Philox(seed, offset)
   uint64_t seed;
   uint64_t offset;
+  uint64_t first_row;  // row b is image first_row + b of the seed's numbering (philox_normal4)
 };
 
 struct QSampleArgs {

@@ -9,10 +9,12 @@
   X(q_sample, "(Tensor x0, Tensor noise, Tensor t, Tensor alphas_cumprod) -> Tensor")                             \
   X(ddim_step,                                                                                                    \
     "(Tensor x, Tensor model_output, Tensor t, Tensor t_prev, Tensor alphas_cumprod, float eta, "                 \
-    "int prediction_type, bool clip_denoised, Tensor? noise, int seed, int offset) -> (Tensor, Tensor)")          \
+    "int prediction_type, bool clip_denoised, Tensor? noise, int seed, int offset, int first_row=0) "             \
+    "-> (Tensor, Tensor)")                                                                                        \
   X(ddpm_step,                                                                                                    \
     "(Tensor x, Tensor model_output, Tensor t, Tensor alphas_cumprod, int prediction_type, "                      \
-    "int variance_type, bool clip_denoised, Tensor? noise, int seed, int offset) -> (Tensor, Tensor)")            \
+    "int variance_type, bool clip_denoised, Tensor? noise, int seed, int offset, int first_row=0) "               \
+    "-> (Tensor, Tensor)")                                                                                        \
   X(hybrid_loss,                                                                                                  \
     "(Tensor model_output, Tensor x0, Tensor x_t, Tensor noise, Tensor t, Tensor alphas_cumprod, "                \
     "int prediction_type, int variance_type) -> (Tensor, Tensor)")                                                \

@@ -144,9 +144,18 @@ at::ScalarType compute_dtype(const at::Tensor& tensor) {
 
 int64_t inner_numel(const at::Tensor& x) { return x.size(0) > 0 ? x.numel() / x.size(0) : 0; }
 
+// first_row: the index of x's first row in the seed's image numbering (row b draws counter word first_row + b,
+// philox.h); checked whether or not the noise is given, like the Python wrappers do.
+void check_first_row(int64_t first_row, int64_t batch) {
+  constexpr int64_t kImages = int64_t(1) << 32;  // the counter word that numbers the images
+  TORCH_CHECK(first_row >= 0 && first_row <= kImages - batch, "first_row: expected an int in [0, 2**32 - B] with B = ",
+              batch, " rows (row b is image first_row + b of the seed, which numbers 2**32 images), got ", first_row);
+}
+
 Noise make_noise(const c10::optional<at::Tensor>& noise, const at::Tensor& x, at::MemoryFormat format,
-                 at::Tensor& keep_alive, int64_t seed, int64_t offset) {
-  Noise n{Rows{nullptr, 0}, 0, 0};
+                 at::Tensor& keep_alive, int64_t seed, int64_t offset, int64_t first_row) {
+  check_first_row(first_row, x.size(0));
+  Noise n{Rows{nullptr, 0}, 0, 0, 0};
   if (noise.has_value() && noise->defined()) {
     check_like("noise", *noise, "x", x);
     keep_alive = dense_rows(*noise, format);
@@ -157,6 +166,7 @@ Noise make_noise(const c10::optional<at::Tensor>& noise, const at::Tensor& x, at
   }
   n.seed = (uint64_t)seed;
   n.offset = (uint64_t)offset;
+  n.first_row = (uint64_t)first_row;
   return n;
 }
 
@@ -192,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_impl(const Backend& backend, const 
                                                   const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
                                                   double eta, int64_t prediction_type, bool clip_denoised,
                                                   const c10::optional<at::Tensor>& noise, int64_t seed,
-                                                  int64_t offset) {
+                                                  int64_t offset, int64_t first_row) {
   check_float("x", x);
   check_model_output(model_output, x, "x", false);
   check_table(alphas_cumprod, x, 1);
@@ -202,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_impl(const Backend& backend, const 
   TORCH_CHECK(eta >= 0.0, "eta: expected a float >= 0, got ", eta);
   const auto format = kernel_format(x);
   at::Tensor noise_keep;
-  const Noise n = make_noise(noise, x, format, noise_keep, seed, offset);
+  const Noise n = make_noise(noise, x, format, noise_keep, seed, offset, first_row);
   const at::Tensor x_rows = dense_rows(x, format), pred_rows = dense_rows(model_output, format);
   const at::Tensor t_c = t.contiguous(), t_prev_c = t_prev.contiguous(), table = alphas_cumprod.contiguous();
   at::Tensor x_prev = at::empty(x.sizes(), x.options().memory_format(format));
@@ -220,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_impl(const Backend& backend, const 
                                                   const at::Tensor& alphas_cumprod, int64_t prediction_type,
                                                   int64_t variance_type, bool clip_denoised,
                                                   const c10::optional<at::Tensor>& noise, int64_t seed,
-                                                  int64_t offset) {
+                                                  int64_t offset, int64_t first_row) {
   check_float("x", x);
   check_variance_type(variance_type);
   check_prediction_type(prediction_type);
@@ -230,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_impl(const Backend& backend, const 
   check_timesteps(backend, "t", t, x, alphas_cumprod.size(0), false);
   const auto format = kernel_format(x);
   at::Tensor noise_keep;
-  const Noise n = make_noise(noise, x, format, noise_keep, seed, offset);
+  const Noise n = make_noise(noise, x, format, noise_keep, seed, offset, first_row);
   const at::Tensor x_rows = dense_rows(x, format);
   const auto parts = split_model_output(model_output, learned ? x.size(1) : 0, learned, format);
   const at::Tensor t_c = t.contiguous(), table = alphas_cumprod.contiguous();

@@ -31,14 +31,14 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_impl(const Backend& backend, const 
                                                   const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
                                                   double eta, int64_t prediction_type, bool clip_denoised,
                                                   const c10::optional<at::Tensor>& noise, int64_t seed,
-                                                  int64_t offset);
+                                                  int64_t offset, int64_t first_row);
 
 std::tuple<at::Tensor, at::Tensor> ddpm_step_impl(const Backend& backend, const at::Tensor& x,
                                                   const at::Tensor& model_output, const at::Tensor& t,
                                                   const at::Tensor& alphas_cumprod, int64_t prediction_type,
                                                   int64_t variance_type, bool clip_denoised,
                                                   const c10::optional<at::Tensor>& noise, int64_t seed,
-                                                  int64_t offset);
+                                                  int64_t offset, int64_t first_row);
 
 std::tuple<at::Tensor, at::Tensor> hybrid_loss_impl(const Backend& backend, const at::Tensor& model_output,
                                                     const at::Tensor& x0, const at::Tensor& x_t,
@@ -68,20 +68,20 @@ struct BackendOps {
                                                       const at::Tensor& alphas_cumprod, double eta,
                                                       int64_t prediction_type, bool clip_denoised,
                                                       const c10::optional<at::Tensor>& noise, int64_t seed,
-                                                      int64_t offset) {
+                                                      int64_t offset, int64_t first_row) {
     const typename Traits::Guard guard(x);
     return ddim_step_impl(Traits::backend(), x, model_output, t, t_prev, alphas_cumprod, eta, prediction_type,
-                          clip_denoised, noise, seed, offset);
+                          clip_denoised, noise, seed, offset, first_row);
   }
 
   static std::tuple<at::Tensor, at::Tensor> ddpm_step(const at::Tensor& x, const at::Tensor& model_output,
                                                       const at::Tensor& t, const at::Tensor& alphas_cumprod,
                                                       int64_t prediction_type, int64_t variance_type,
                                                       bool clip_denoised, const c10::optional<at::Tensor>& noise,
-                                                      int64_t seed, int64_t offset) {
+                                                      int64_t seed, int64_t offset, int64_t first_row) {
     const typename Traits::Guard guard(x);
     return ddpm_step_impl(Traits::backend(), x, model_output, t, alphas_cumprod, prediction_type, variance_type,
-                          clip_denoised, noise, seed, offset);
+                          clip_denoised, noise, seed, offset, first_row);
   }
 
   static std::tuple<at::Tensor, at::Tensor> hybrid_loss(const at::Tensor& model_output, const at::Tensor& x0,

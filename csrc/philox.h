@@ -40,12 +40,16 @@ struct Normal4 {
   real_t v[4];
 };
 
-// Four standard normals for group g (= j / 4) of sample b: counter (g, b, offset lo, offset hi), key = seed.
-// Element j of the sample takes lane j % 4. Box-Muller in real_t (float for float/half outputs, double for
-// double): CPU and CUDA agree to a few ulps of real_t (their libm functions may round differently).
+// Four standard normals for group g (= j / 4) of row b of a tensor whose first row is image `first_row` of the
+// seed's image numbering: counter (g, first_row + b mod 2^32, offset lo, offset hi), key = seed. So an image's
+// noise depends on its index in the seed's numbering, not on the row it has in a batch (the host functions refuse
+// first_row + B > 2^32). Element j of the row takes lane j % 4. Box-Muller in real_t (float for float/half
+// outputs, double for double): CPU and CUDA agree to a few ulps of real_t (their libm functions may round
+// differently).
 template <typename real_t>
-DC_HD Normal4<real_t> philox_normal4(uint64_t seed, uint64_t offset, uint64_t b, uint64_t g) {
-  const Uint4 r = philox4x32_10(Uint4{(uint32_t)g, (uint32_t)b, (uint32_t)offset, (uint32_t)(offset >> 32)},
+DC_HD Normal4<real_t> philox_normal4(uint64_t seed, uint64_t offset, uint64_t first_row, int64_t b, uint64_t g) {
+  const uint32_t image = (uint32_t)(first_row + (uint64_t)b);
+  const Uint4 r = philox4x32_10(Uint4{(uint32_t)g, image, (uint32_t)offset, (uint32_t)(offset >> 32)},
                                 (uint32_t)seed, (uint32_t)(seed >> 32));
   const real_t scale = (real_t)2.3283064365386963e-10;  // 2^-32
   const real_t two_pi_scale = (real_t)(6.283185307179586 * 2.3283064365386963e-10);

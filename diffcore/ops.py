@@ -9,8 +9,10 @@ which path a call takes.
 
 Noise for the steps is either passed in (``noise``) or drawn inside the kernel from Philox4x32-10 keyed by
 ``seed`` at counter ``offset``; the same ``(seed, offset)`` gives the same noise on CPU, CUDA and the
-reference (up to float rounding of the Box-Muller transform). With neither given, a seed is drawn from
-``generator`` (or torch's default CPU generator), which needs no device sync.
+reference (up to float rounding of the Box-Muller transform). Row b of x draws the noise of image
+``first_row + b`` of the seed (``first_row`` defaults to 0; ``first_row + B <= 2**32``), so a batch split into
+chunks, each called with ``first_row`` = its first row's index, draws the same noise as the whole batch. With
+neither given, a seed is drawn from ``generator`` (or torch's default CPU generator), which needs no device sync.
 
 Every argument is checked before anything runs, and an error names the argument, what was expected and what
 came. ``check_values=False`` skips reading the timestep values back (a device sync on CUDA): on CPU they are
@@ -31,11 +33,13 @@ import torch
 from . import extension
 from . import checks as V
 from . import reference
+from .reference.philox import check_first_row
 from .types import PredictionType, VarianceType, as_prediction_type, as_variance_type
 
 Impl = Literal["auto", "fused", "reference"]
 
-__all__ = ["q_sample", "ddim_step", "ddpm_step", "hybrid_loss", "which_impl", "fused_available", "check_seed", "Impl"]
+__all__ = ["q_sample", "ddim_step", "ddpm_step", "hybrid_loss", "which_impl", "fused_available", "check_seed",
+           "check_first_row", "Impl"]
 
 
 def fused_available(device: "torch.device | str" = "cpu") -> bool:
@@ -117,7 +121,7 @@ def ddim_step(x: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, t_pr
               alphas_cumprod: torch.Tensor, eta: float = 0.0, *,
               prediction_type: "PredictionType | str" = PredictionType.EPS, clip_denoised: bool = False,
               noise: Optional[torch.Tensor] = None, seed: Optional[int] = None, offset: int = 0,
-              generator: Optional[torch.Generator] = None, impl: Impl = "auto",
+              first_row: int = 0, generator: Optional[torch.Generator] = None, impl: Impl = "auto",
               check_values: bool = True, validated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized DDIM update (DDIM eq. 12) from t to t_prev, per sample; returns (x_prev, pred_x0).
 
@@ -127,7 +131,8 @@ def ddim_step(x: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, t_pr
     where sigma is 0. With ``clip_denoised`` x0_hat is clamped to [-1, 1] and eps_hat re-derived from it.
 
     Args: x ``[B, ...]``; model_output like x (eps, x0 or v per ``prediction_type``); t, t_prev int64 ``[B]``;
-    eta >= 0. Returns two tensors like x.
+    eta >= 0. ``noise`` like x, or None: Philox noise of (``seed``, ``offset``), row b being image
+    ``first_row + b`` of the seed (an int, 0 <= first_row <= 2**32 - B). Returns two tensors like x.
 
     ``validated=True`` is for sampling loops that checked their arguments once before the loop (the samplers
     do): it skips every Python-level check and reads nothing back; ``prediction_type`` must then be a
@@ -136,7 +141,7 @@ def ddim_step(x: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, t_pr
     """
     if validated:
         args = (x, model_output, t, t_prev, alphas_cumprod, float(eta), int(prediction_type), bool(clip_denoised),
-                noise, 0 if seed is None else seed, offset)
+                noise, 0 if seed is None else seed, offset, first_row)
         return _dispatch_validated("ddim_step", x, impl, args)
     eta = V.check_eta(eta)
     clip_denoised = V.check_flag("clip_denoised", clip_denoised)
@@ -148,9 +153,10 @@ def ddim_step(x: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, t_pr
     V.check_timesteps("t", t, x.shape[0], T, "x", x, check_values=check_values)
     V.check_timesteps("t_prev", t_prev, x.shape[0], T, "x", x, allow_negative=True, check_values=check_values)
     _check_noise(noise, x)
+    first_row = check_first_row(first_row, x.shape[0])
     seed, offset = _seed_and_offset(noise, seed, offset, generator, draws=eta > 0)
     args = (x, model_output, t, t_prev, alphas_cumprod, eta, int(prediction_type), clip_denoised,
-            noise, seed, offset)
+            noise, seed, offset, first_row)
     if which_impl(x, impl) == "fused":
         return torch.ops.diffcore.ddim_step(*args)
     return reference.ddim_step(*args)
@@ -160,18 +166,18 @@ def ddpm_step(x: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, alph
               prediction_type: "PredictionType | str" = PredictionType.EPS,
               variance_type: "VarianceType | str" = VarianceType.FIXED_SMALL, clip_denoised: bool = False,
               noise: Optional[torch.Tensor] = None, seed: Optional[int] = None, offset: int = 0,
-              generator: Optional[torch.Generator] = None, impl: Impl = "auto",
+              first_row: int = 0, generator: Optional[torch.Generator] = None, impl: Impl = "auto",
               check_values: bool = True, validated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One ancestral step x_{t-1} = mu~(x0_hat, x_t) + [t > 0] exp(0.5 log sigma^2) z; returns (x_prev, pred_x0).
 
     Args: x ``[B, C, ...]``; model_output ``[B, C, ...]`` for fixed variances or ``[B, 2C, ...]`` (prediction,
     then variance output v) for ``learned_range`` / ``learned``; t int64 ``[B]``; alphas_cumprod float64 ``[T]``
-    with T >= 2. ``validated=True``: as in :func:`ddim_step` (``variance_type`` a :class:`VarianceType`, ``seed``
-    an int when ``noise`` is None).
+    with T >= 2; ``noise``, ``seed``, ``offset``, ``first_row`` as in :func:`ddim_step`. ``validated=True``: as in
+    :func:`ddim_step` (``variance_type`` a :class:`VarianceType`, ``seed`` an int when ``noise`` is None).
     """
     if validated:
         args = (x, model_output, t, alphas_cumprod, int(prediction_type), int(variance_type), bool(clip_denoised),
-                noise, 0 if seed is None else seed, offset)
+                noise, 0 if seed is None else seed, offset, first_row)
         return _dispatch_validated("ddpm_step", x, impl, args)
     prediction_type = as_prediction_type(prediction_type)
     variance_type = as_variance_type(variance_type)
@@ -181,9 +187,10 @@ def ddpm_step(x: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, alph
     V.check_table("alphas_cumprod", alphas_cumprod, "x", x, min_length=2)
     V.check_timesteps("t", t, x.shape[0], alphas_cumprod.numel(), "x", x, check_values=check_values)
     _check_noise(noise, x)
+    first_row = check_first_row(first_row, x.shape[0])
     seed, offset = _seed_and_offset(noise, seed, offset, generator)
     args = (x, model_output, t, alphas_cumprod, int(prediction_type), int(variance_type), clip_denoised,
-            noise, seed, offset)
+            noise, seed, offset, first_row)
     if which_impl(x, impl) == "fused":
         return torch.ops.diffcore.ddpm_step(*args)
     return reference.ddpm_step(*args)
@@ -243,7 +250,8 @@ def _check_image_op(x, model_output, t, alphas_cumprod, prediction_type, *, x_na
     V.check_timestep_tensor("t", t, x.shape[0], x_name, x, errors=errors)
 
 
-def _check_step_noise(noise, x, seed, offset):
+def _check_step_noise(noise, x, seed, offset, first_row):
+    check_first_row(first_row, x.shape[0], errors=V.torch_errors)
     if noise is not None:
         V.check_same("noise", noise, "x", x, errors=V.torch_errors)
     else:
@@ -266,20 +274,20 @@ def _fake_q_sample(x0, noise, t, alphas_cumprod):
 
 
 def _fake_ddim_step(x, model_output, t, t_prev, alphas_cumprod, eta, prediction_type, clip_denoised, noise, seed,
-                    offset):
+                    offset, first_row=0):
     _check_image_op(x, model_output, t, alphas_cumprod, prediction_type)
     V.check_timestep_tensor("t_prev", t_prev, x.shape[0], "x", x, errors=V.torch_errors)
     V.check_eta(eta, finite=False, errors=V.torch_errors)
-    _check_step_noise(noise, x, seed, offset)
+    _check_step_noise(noise, x, seed, offset, first_row)
     return _like_kernel(x), _like_kernel(x)
 
 
 def _fake_ddpm_step(x, model_output, t, alphas_cumprod, prediction_type, variance_type, clip_denoised, noise, seed,
-                    offset):
+                    offset, first_row=0):
     V.check_enum("variance_type", variance_type, VarianceType, errors=V.torch_errors)
     _check_image_op(x, model_output, t, alphas_cumprod, prediction_type,
                     learned=VarianceType(variance_type).is_learned, min_length=2)
-    _check_step_noise(noise, x, seed, offset)
+    _check_step_noise(noise, x, seed, offset, first_row)
     return _like_kernel(x), _like_kernel(x)
 
 

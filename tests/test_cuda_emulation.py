@@ -85,9 +85,11 @@ def test_ddim_step(lib, dtype, kind, shape):
     for prediction_type, clip, eta, given in [(0, False, 0.0, False), (1, True, 0.5, False), (2, False, 1.0, True),
                                               (0, True, 0.3, True)]:
         expected = ops.ddim_step(x, pred, t, t_prev, table, eta, prediction_type=prediction_type, clip_denoised=clip,
-                                 noise=z if given else None, seed=None if given else 17, offset=0 if given else 5)
+                                 noise=z if given else None, seed=None if given else 17, offset=0 if given else 5,
+                                 first_row=0 if given else 6)
         outs = [E.place(torch.full_like(x, float("nan")), kind) for _ in range(2)]
-        noise = E.Noise(E.rows(placed[2]) if given else E.Rows(None, 0), 0 if given else 17, 0 if given else 5)
+        noise = E.Noise(E.rows(placed[2]) if given else E.Rows(None, 0), 0 if given else 17, 0 if given else 5,
+                        0 if given else 6)  # in-kernel noise of images 6 .. 6 + batch - 1
         args = E.DdimStepArgs(E.DTYPE_CODE[dtype], batch, inner, E.rows(placed[0]), E.rows(placed[1]), t.data_ptr(),
                               t_prev.data_ptr(), table.data_ptr(), table.numel(), eta, prediction_type, clip, noise,
                               E.rows(outs[0]), E.rows(outs[1]))
@@ -116,9 +118,11 @@ def test_ddpm_step(lib, dtype, kind, shape):
             expected = ops.ddpm_step(x[:, None], model_output.reshape(batch, 2 if learned else 1, inner), t, table,
                                      prediction_type=prediction_type, variance_type=variance_type,
                                      clip_denoised=clip, noise=z[:, None] if given else None,
-                                     seed=None if given else 23, offset=0 if given else 2)
+                                     seed=None if given else 23, offset=0 if given else 2,
+                                     first_row=0 if given else 2**32 - batch)
             outs = [E.place(torch.full_like(x, float("nan")), kind) for _ in range(2)]
-            noise = E.Noise(E.rows(z_placed) if given else E.Rows(None, 0), 0 if given else 23, 0 if given else 2)
+            noise = E.Noise(E.rows(z_placed) if given else E.Rows(None, 0), 0 if given else 23, 0 if given else 2,
+                            0 if given else 2**32 - batch)  # the last images of the seed
             var_rows = E.rows(mo_placed[:, inner:]) if learned else E.Rows(None, 0)
             args = E.DdpmStepArgs(E.DTYPE_CODE[dtype], batch, inner, E.rows(x_placed), E.rows(mo_placed[:, :inner]),
                                   var_rows, t.data_ptr(), table.data_ptr(), table.numel(), prediction_type,

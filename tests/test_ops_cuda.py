@@ -204,6 +204,25 @@ def test_in_kernel_noise_equals_the_cpu_noise(dtype):
         assert torch.equal(gpu, run(DEV, 77)) and not torch.equal(gpu, run(DEV, 78))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_in_kernel_noise_with_first_row_is_the_cpu_noise_of_those_images(dtype):
+    """Rows drawn with first_row = r are rows r .. of the whole batch, on the GPU as on the CPU (ddim eta > 0 and
+    ddpm, vectorized rows and rows that end inside a Philox group)."""
+    table = make_table()
+    for shape in [(9, 3, 8, 8), (9, 7)]:
+        x = random_images(shape, dtype)
+        t = timesteps(shape[0]).clamp(min=1)
+        def run(device, rows, first_row):
+            args = [v.to(device)[rows] for v in (x, x, t)]
+            ddim = ops.ddim_step(*args[:3], args[2] - 1, table.to(device), 1.0, seed=5, offset=3,
+                                 first_row=first_row, impl="fused")
+            ddpm = ops.ddpm_step(*args, table.to(device), seed=5, offset=3, first_row=first_row, impl="fused")
+            return ddim + ddpm
+        whole = run("cpu", slice(None), 0)
+        for got, want in zip(run(DEV, slice(4, 9), 4), whole):
+            _close(got, want[4:], dtype, **({"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {}))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_at_most_twice_plain_torch(dtype):
     """flash-attention's rule on the GPU: error vs fp64 at most ~2x that of the formula in plain low precision."""

@@ -77,7 +77,7 @@ void load_noise(const Noise& noise, int64_t b, int64_t j0, int64_t j1, acc_t* z)
   const int64_t g0 = j0 >> 2, g1 = (j1 + 3) >> 2;
   acc_t buffer[kChunk + 8];
   for (int64_t g = g0; g < g1; ++g) {
-    const Normal4<acc_t> n = philox_normal4<acc_t>(noise.seed, noise.offset, (uint64_t)b, (uint64_t)g);
+    const Normal4<acc_t> n = philox_normal4<acc_t>(noise.seed, noise.offset, noise.first_row, b, (uint64_t)g);
     for (int lane = 0; lane < 4; ++lane) buffer[4 * (g - g0) + lane] = n.v[lane];
   }
   for (int64_t j = j0; j < j1; ++j) z[j - j0] = buffer[j - 4 * g0];

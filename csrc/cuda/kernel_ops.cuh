@@ -14,8 +14,9 @@
 // - the vectorized path (one 16-byte access per pack) is taken when every pointer is 16-byte aligned, every
 //   row stride is a multiple of 16 bytes and inner is a multiple of kVec; otherwise the scalar path does the same
 //   items element by element with bounds checks;
-// - in-kernel noise: item (b, j0) draws philox_normal4 for groups j0/4 ... j0/4 + kVec/4 - 1, element j taking
-//   lane j % 4 of group j / 4, exactly like the CPU kernels, so one seed gives the same noise on both;
+// - in-kernel noise: item (b, j0) draws philox_normal4 for groups j0/4 ... j0/4 + kVec/4 - 1 of image
+//   first_row + b, element j taking lane j % 4 of group j / 4, exactly like the CPU kernels, so one seed gives the
+//   same noise on both;
 // - timesteps are clamped into [0, T) (t_prev into (-inf, T)) before indexing the table: the Python wrapper
 //   validates their values, and a kernel never reads out of bounds whatever it is given.
 #pragma once
@@ -136,7 +137,8 @@ DC_HD void noise_values(const Noise& n, bool noisy, int64_t b, int64_t j0, int64
     DC_UNROLL
     for (int g = 0; g < kVec / 4; ++g) {
       if (VEC || j0 + 4 * g < inner) {
-        const Normal4<acc_t> r = philox_normal4<acc_t>(n.seed, n.offset, (uint64_t)b, (uint64_t)((j0 >> 2) + g));
+        const Normal4<acc_t> r =
+            philox_normal4<acc_t>(n.seed, n.offset, n.first_row, b, (uint64_t)((j0 >> 2) + g));
         DC_UNROLL
         for (int lane = 0; lane < 4; ++lane) z[4 * g + lane] = r.v[lane];
       } else {

@@ -21,12 +21,12 @@ from ..diffusion import GaussianDiffusion, Model
 from ..ops import Impl
 from ..pretrained import load_default
 from ..respace import SkipType
-from ..samplers import SAMPLER_INFO, SamplerChoice, Spacing, check_sampler, default_sampler, run_sampler
+from ..samplers import SamplerChoice, Spacing, check_sampler, default_sampler, run_sampler
 from ..schedules import make_schedule
 from ..images import require_finite
 from ..runtime import (DEFAULT_PRECISION, Precision, batch_slices, compile_model, default_batch_size,
                        precision_context, resolve_precision, slice_rows)
-from ..samplers.loop import StepCallback, draw_seed, initial_noise
+from ..samplers.loop import StepCallback, draw_seed
 from .common import eval_mode, model_device
 
 __all__ = ["sample", "DEFAULT_FAST_STEPS"]
@@ -75,8 +75,9 @@ def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps:
             (default: the sampler's; DDIM: ``"uniform"`` when steps divides T, else ``"even"``).
             ``skip_type`` is its older name.
         eta: stochasticity of ``"ddim"`` (default 0) and ``"dpm++2m-sde"`` (default 1); None for the others.
-        callback: ``callback(step, t, x, pred_x0)`` after each step; returning True stops early (the images are
-            then the clamped x at that step). See :data:`diffcore.samplers.loop.StepCallback`.
+        callback: ``callback(step, t, x, pred_x0)`` after each step, x holding the current batch's rows (once per
+            batch when ``batch_size`` < n); returning True stops that batch early (its images are then the clamped
+            x at that step). See :data:`diffcore.samplers.loop.StepCallback`.
         seed: Philox seed for x_T and all noise (an int; when None one is drawn from ``generator``, torch's
             default CPU generator if that is None too: ``generator`` only ever supplies this one integer). Same
             seed, same images, on any device up to rounding and whatever the batch size: image b depends only on
@@ -97,8 +98,10 @@ def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps:
         compile: run the model through :func:`diffcore.runtime.compile_model` (graphs cached on disk, batch
             sizes bucketed; the first call per machine compiles for minutes on a CPU). Needs an ``nn.Module``.
         batch_size: images per model call (default :func:`diffcore.runtime.default_batch_size`: 64 on a CPU).
-            Deterministic DDIM (eta = 0) gives the same images for every batch size; sampling that draws noise
-            after x_T (eta > 0, ancestral) runs as one batch and takes no smaller batch_size.
+            Every sampler, stochastic ones included (ancestral, DDIM eta > 0, dpm++2m-sde), gives the same images
+            for every batch size up to float rounding of the model's batched arithmetic: the batch of rows
+            r .. r + k - 1 runs with ``first_row=r``, so image b draws the noise (x_T and every step's) of image
+            b of the seed whatever batch it runs in.
     """
     if model is None:
         packaged = load_default(device=device)
@@ -134,25 +137,14 @@ def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps:
         steps = min(DEFAULT_FAST_STEPS, T)
     if schedule is None and sampler == "ddim":
         schedule = "uniform" if isinstance(steps, int) and steps >= 1 and T % steps == 0 else "even"
-    stochastic = SAMPLER_INFO[sampler].stochastic or (eta is not None and eta != 0.0)
-    if chunk < n and stochastic:
-        if batch_size is not None:
-            raise ValueError(f"batch_size: stochastic sampling ({sampler!r}{', eta > 0' if eta else ''}) runs all "
-                             f"n={n} images as one batch (its per-step noise is indexed by batch position); got "
-                             f"batch_size={chunk}")
-        chunk = n
+    seed = draw_seed(seed, generator)  # one seed for every batch (image b's noise: the seed's image b)
     runner = compile_model(model) if compile else model
     common = dict(steps=steps, schedule=schedule, eta=eta, clip_denoised=clip_denoised, seed=seed,
-                  generator=generator, callback=callback, progress=progress, device=device, impl=impl)
+                  callback=callback, progress=progress, device=device, impl=impl)
     with eval_mode(model), precision_context(dtype, device):
-        if chunk < n:  # deterministic: the same x_T for every split, drawn for all n, then run in slices of rows
-            common["seed"] = draw_seed(seed, generator)
-            x_T = initial_noise(shape, common["seed"], device=device)
-            return require_finite(torch.cat([
-                run_sampler(sampler, runner, diffusion, x_T=x_T[rows], model_kwargs=slice_rows(model_kwargs, rows, n),
-                            **common).sample
-                for rows in batch_slices(n, chunk)]), "sample").float().clamp(-1.0, 1.0)
-        result = run_sampler(sampler, runner, diffusion, shape, model_kwargs=model_kwargs, **common)
-    return require_finite(result.sample, "sample").float().clamp(-1.0, 1.0)
-
-
+        batches = [run_sampler(sampler, runner, diffusion, (rows.stop - rows.start, *shape[1:]),
+                               model_kwargs=slice_rows(model_kwargs, rows, n), first_row=rows.start,
+                               **common).sample
+                   for rows in batch_slices(n, chunk)]
+    images = batches[0] if len(batches) == 1 else torch.cat(batches)
+    return require_finite(images, "sample").float().clamp(-1.0, 1.0)

@@ -30,10 +30,10 @@ def _coef(values: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch
     return formulas.per_sample(values, like).to(dtype)
 
 
-def _noise(x, noise, seed, offset, dtype):
+def _noise(x, noise, seed, offset, first_row, dtype):
     if noise is not None:
         return noise.to(dtype)
-    return philox_normal_like(x, seed, offset).to(dtype)
+    return philox_normal_like(x, seed, offset, first_row).to(dtype)
 
 
 def _split_model_output(model_output: torch.Tensor, channels: int, variance_type: VarianceType):
@@ -84,11 +84,14 @@ def ddim_step(
     noise: Optional[torch.Tensor] = None,
     seed: int = 0,
     offset: int = 0,
+    first_row: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One generalized DDIM update t -> t_prev (DDIM eq. 12); returns (x_prev, pred_x0), both shaped like x.
 
     t_prev < 0 marks the final step (abar = 1). t_prev > t runs the deterministic reverse direction used for
     inversion: x_next = sqrt(abar_next) x0_hat + sqrt(1 - abar_next) eps_hat (sigma is 0 there whatever eta).
+    Without ``noise``, z is Philox noise of (seed, offset) with row b as image ``first_row + b``
+    (:func:`~diffcore.reference.philox.philox_normal_like`).
     """
     dt = compute_dtype(x)
     table = alphas_cumprod.double()
@@ -101,7 +104,7 @@ def ddim_step(
     x0, eps = _predict(x, model_output, abar, PredictionType(prediction_type), clip_denoised, dt)
     x_prev = _coef(abar_s.sqrt(), x, dt) * x0 + _coef(c_eps, x, dt) * eps
     if eta != 0.0:
-        x_prev = x_prev + _coef(sigma, x, dt) * _noise(x, noise, seed, offset, dt)
+        x_prev = x_prev + _coef(sigma, x, dt) * _noise(x, noise, seed, offset, first_row, dt)
     return x_prev.to(x.dtype), x0.to(x.dtype)
 
 
@@ -116,11 +119,12 @@ def ddpm_step(
     noise: Optional[torch.Tensor] = None,
     seed: int = 0,
     offset: int = 0,
+    first_row: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One ancestral step x_t -> x_{t-1} = mu~(x0_hat, x_t) + [t > 0] sigma z; returns (x_prev, pred_x0).
 
     ``model_output`` is ``[B, C, ...]`` for fixed variances and ``[B, 2C, ...]`` (prediction then variance
-    output) for learned ones.
+    output) for learned ones. Without ``noise``, z is Philox noise as in :func:`ddim_step` (``first_row``).
     """
     dt = compute_dtype(x)
     variance_type = VarianceType(variance_type)
@@ -131,7 +135,7 @@ def ddpm_step(
     mean = _coef(tables.posterior_mean_coef1, x, dt) * x0 + _coef(tables.posterior_mean_coef2, x, dt) * x.to(dt)
     log_var = _log_variance(variance_type, tables, var_output, x, dt)
     nonzero = _coef((t > 0).double(), x, dt)
-    x_prev = mean + nonzero * torch.exp(0.5 * log_var) * _noise(x, noise, seed, offset, dt)
+    x_prev = mean + nonzero * torch.exp(0.5 * log_var) * _noise(x, noise, seed, offset, first_row, dt)
     return x_prev.to(x.dtype), x0.to(x.dtype)
 
 

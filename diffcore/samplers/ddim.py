@@ -35,7 +35,7 @@ def ddim_sample(model: Model, diffusion: GaussianDiffusion, shape: Optional[Sequ
                 seed: Optional[int] = None, generator: Optional[torch.Generator] = None, progress: bool = True,
                 return_intermediates: bool = False, callback: Optional[StepCallback] = None,
                 dtype: torch.dtype = torch.float32, device: "torch.device | str | None" = None,
-                impl: Impl = "auto") -> SampleResult:
+                impl: Impl = "auto", first_row: int = 0) -> SampleResult:
     """DDIM sampling over a timestep subsequence with stochasticity ``eta`` (0: deterministic, 1: DDPM-like).
 
     x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z,
@@ -56,15 +56,19 @@ def ddim_sample(model: Model, diffusion: GaussianDiffusion, shape: Optional[Sequ
         seed / generator: Philox seed for x_T and the eta noise. progress, return_intermediates: see
             :class:`SampleResult`. callback: ``callback(step, t, x, pred_x0)`` after each step; returning True stops
             the loop (:data:`~diffcore.samplers.loop.StepCallback`).
-            impl: ``"auto" | "fused" | "reference"``.
+        impl: ``"auto" | "fused" | "reference"``.
+        first_row: the image index of row 0 in the seed's numbering (int >= 0, first_row + B <= 2**32): row b
+            draws the noise (x_T, when drawn here, and every step's) of image first_row + b, so a call on a slice
+            of rows with first_row = its first row gives those rows of the whole batch.
     Returns: :class:`SampleResult` with ``sample`` ``[B, C, ...]``.
     """
     eta = check_eta(eta)
     ts, t_prevs = ddim_sequence(diffusion, steps, skip_type)
     diffusion, x, seed = prepare(diffusion, shape, x_T, dtype=dtype, device=device, seed=seed,
-                                 generator=generator, needs_noise=eta > 0)
+                                 generator=generator, needs_noise=eta > 0, first_row=first_row)
     step = reverse_step(diffusion, "ddim", eta=eta, clip_denoised=clip_denoised,
-                        rederive_eps_from_clipped_x0=rederive_eps_from_clipped_x0, seed=seed, impl=impl)
+                        rederive_eps_from_clipped_x0=rederive_eps_from_clipped_x0, seed=seed, impl=impl,
+                        first_row=first_row)
     rows = timestep_rows(ts, x.shape[0], x.device)
     prev_rows = timestep_rows(t_prevs, x.shape[0], x.device)
     model_ts = [diffusion.original_timesteps[t] for t in ts]

@@ -22,7 +22,7 @@ def ddpm_sample(model: Model, diffusion: GaussianDiffusion, shape: Optional[Sequ
                 generator: Optional[torch.Generator] = None, progress: bool = True,
                 return_intermediates: bool = False, callback: Optional[StepCallback] = None,
                 dtype: torch.dtype = torch.float32, device: "torch.device | str | None" = None,
-                impl: Impl = "auto") -> SampleResult:
+                impl: Impl = "auto", first_row: int = 0) -> SampleResult:
     """Ancestral sampling x_{t-1} = mu~(x0_hat, x_t) + [t > 0] sigma_t z from x_T down to x_0.
 
     Args:
@@ -39,13 +39,14 @@ def ddpm_sample(model: Model, diffusion: GaussianDiffusion, shape: Optional[Sequ
         progress: show a tqdm bar. return_intermediates: keep x_t and pred_x0 of every step.
         callback: ``callback(step, t, x, pred_x0)`` after each step; returning True stops the loop.
         impl: ``"auto" | "fused" | "reference"`` for :func:`diffcore.ops.ddpm_step`.
+        first_row: the image index of row 0 in the seed's numbering, as in :func:`~diffcore.samplers.ddim_sample`.
     Returns: a :class:`SampleResult`; ``sample`` is ``[B, C, ...]`` in x_T's dtype.
     """
     if steps is not None:
         diffusion = diffusion.respaced(sampling_timesteps(diffusion.alphas_cumprod, steps, skip_type))
     diffusion, x, seed = prepare(diffusion, shape, x_T, dtype=dtype, device=device, seed=seed,
-                                 generator=generator, needs_noise=True)
-    step = reverse_step(diffusion, "ddpm", clip_denoised=clip_denoised, seed=seed, impl=impl)
+                                 generator=generator, needs_noise=True, first_row=first_row)
+    step = reverse_step(diffusion, "ddpm", clip_denoised=clip_denoised, seed=seed, impl=impl, first_row=first_row)
     T = diffusion.num_timesteps
     indices = list(range(T - 1, -1, -1))
     rows = timestep_rows(indices, x.shape[0], x.device)

@@ -4,8 +4,10 @@ per-step record (intermediates and the user's callback).
 
 Noise convention (all samplers): one seed per call (given, or drawn once from ``generator``); x_T is Philox noise
 at offset 0 and step k (0-based, in visiting order) draws its noise inside the op at offset k + 1. The Philox
-counter includes the sample's index in the batch, so sample b is the same whatever the batch size, and the same
-on CPU and CUDA up to float rounding.
+counter includes the sample's image index, ``first_row + b`` for row b of a call (``first_row`` defaults to 0), so
+an image is the same whatever the batch it runs in (a call on rows r .. r + k - 1 of x_T with ``first_row=r``
+reproduces those rows of the whole batch, for every sampler, deterministic or not), and the same on CPU and CUDA
+up to float rounding.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..diffusion import GaussianDiffusion
+from ..ops import check_first_row
 from ..reference.philox import philox_normal_like
 
 __all__ = ["SampleResult", "StepCallback", "draw_seed", "initial_noise", "prepare", "timestep_rows", "Intermediates",
@@ -56,20 +59,22 @@ def draw_seed(seed: Optional[int], generator: Optional[torch.Generator]) -> int:
     return seed
 
 
-def initial_noise(shape: Sequence[int], seed: int, *, dtype: torch.dtype = torch.float32,
+def initial_noise(shape: Sequence[int], seed: int, first_row: int = 0, *, dtype: torch.dtype = torch.float32,
                   device: "torch.device | str" = "cpu") -> torch.Tensor:
-    """x_T ~ N(0, I) of ``shape`` from Philox (``seed``, offset 0), identical on every device up to rounding."""
-    return philox_normal_like(torch.empty(tuple(shape), dtype=dtype, device=device), seed, 0)
+    """x_T ~ N(0, I) of ``shape`` ``(B, ...)`` from Philox (``seed``, offset 0), row b being image ``first_row + b``
+    of the seed (so ``initial_noise(shape, seed, r)`` is rows r .. r + B - 1 of a larger draw); identical on every
+    device up to rounding."""
+    return philox_normal_like(torch.empty(tuple(shape), dtype=dtype, device=device), seed, 0, first_row)
 
 
 def prepare(diffusion: GaussianDiffusion, shape: Optional[Sequence[int]], x_T: Optional[torch.Tensor],
             *, dtype: torch.dtype, device, seed: Optional[int], generator: Optional[torch.Generator],
-            needs_noise: bool) -> tuple[GaussianDiffusion, torch.Tensor, Optional[int]]:
+            needs_noise: bool, first_row: int = 0) -> tuple[GaussianDiffusion, torch.Tensor, Optional[int]]:
     """Resolve (diffusion on the device, starting state, seed) for a sampler call: the loop's arguments are
     checked here, once, never per step.
 
-    Exactly one of ``shape`` (then x_T is drawn in ``dtype`` on ``device``) and ``x_T`` is needed; a seed is
-    drawn when noise is needed.
+    Exactly one of ``shape`` (then x_T is drawn in ``dtype`` on ``device``, row b as image ``first_row + b``) and
+    ``x_T`` is needed; a seed is drawn when noise is needed. ``first_row`` is checked against the batch size.
     """
     if not isinstance(diffusion, GaussianDiffusion):
         raise TypeError(f"diffusion: expected a GaussianDiffusion, got {type(diffusion).__name__}")
@@ -88,12 +93,13 @@ def prepare(diffusion: GaussianDiffusion, shape: Optional[Sequence[int]], x_T: O
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype: expected a floating-point torch.dtype for x_T, got {dtype!r}")
         device = torch.device(device) if device is not None else diffusion.device
+    first_row = check_first_row(first_row, x_T.shape[0] if x_T is not None else shape[0])
     diffusion = diffusion.to(device)
     if needs_noise or x_T is None:
         seed = draw_seed(seed, generator)
     elif seed is not None:
         seed = draw_seed(seed, None)
-    x = x_T if x_T is not None else initial_noise(shape, seed, dtype=dtype, device=device)
+    x = x_T if x_T is not None else initial_noise(shape, seed, first_row, dtype=dtype, device=device)
     return diffusion, x, seed
 
 

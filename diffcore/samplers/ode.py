@@ -67,7 +67,8 @@ def ode_sample(model: Model, diffusion: GaussianDiffusion, shape: Optional[Seque
                model_kwargs: Optional[dict] = None, seed: Optional[int] = None,
                generator: Optional[torch.Generator] = None, progress: bool = True,
                return_intermediates: bool = False, callback: Optional[StepCallback] = None,
-               dtype: torch.dtype = torch.float32, device: "torch.device | str | None" = None) -> SampleResult:
+               dtype: torch.dtype = torch.float32, device: "torch.device | str | None" = None,
+               first_row: int = 0) -> SampleResult:
     """Solve the probability-flow ODE (or, for ``"dpmpp_2m_sde"``, the reverse SDE) from x_T to x_0 over the same
     timesteps as :func:`ddim_sample`.
 
@@ -76,8 +77,8 @@ def ode_sample(model: Model, diffusion: GaussianDiffusion, shape: Optional[Seque
             ``"dpmpp_2m_sde"``.
         eta: the SDE's stochasticity (``"dpmpp_2m_sde"`` only: default 1, 0 is ``"dpmpp_2m"``); None otherwise.
         steps, skip_type, x_T, shape, clip_denoised, model_kwargs, seed, generator, progress,
-        return_intermediates, callback, dtype, device: as in :func:`ddim_sample` (seed draws x_T and the SDE's
-        noise), except the default spacing ``"quad_full"``.
+        return_intermediates, callback, dtype, device, first_row: as in :func:`ddim_sample` (seed draws x_T and
+        the SDE's noise), except the default spacing ``"quad_full"``.
     Returns: :class:`SampleResult` with ``sample`` ``[B, C, ...]``; ``callback(step, t, x, pred_x0)`` after each
     step (Heun: once per step, with the first model call's x0 estimate).
     """
@@ -92,7 +93,7 @@ def ode_sample(model: Model, diffusion: GaussianDiffusion, shape: Optional[Seque
         eta = 0.0
     ts, t_prevs = ddim_sequence(diffusion, steps, skip_type)
     diffusion, x, seed = prepare(diffusion, shape, x_T, dtype=dtype, device=device, seed=seed,
-                                 generator=generator, needs_noise=eta > 0)
+                                 generator=generator, needs_noise=eta > 0, first_row=first_row)
     abar_host = diffusion.alphas_cumprod.cpu().tolist()  # once, before the loop
     abars = [abar_host[t] for t in ts]
     abars_prev = [abar_host[s] if s >= 0 else 1.0 for s in t_prevs]
@@ -134,7 +135,7 @@ def ode_sample(model: Model, diffusion: GaussianDiffusion, shape: Optional[Seque
                 data = (1.0 + half_inv_r) * x0_hat - half_inv_r * x0_prev
             x_new = coef_x * x.to(data.dtype) + coef_d * data
             if eta > 0 and a_s < 1.0:
-                z = philox_normal_like(x, seed, k + 1).to(data.dtype)
+                z = philox_normal_like(x, seed, k + 1, first_row).to(data.dtype)
                 x_new = x_new + math.sqrt(1.0 - a_s) * math.sqrt(-math.expm1(-2.0 * eta_h)) * z
             h_prev, x0_prev = h, x0_hat
         x = x_new.to(x.dtype)

@@ -90,7 +90,7 @@ def run_sampler(sampler: SamplerChoice, model: Model, diffusion: GaussianDiffusi
                 generator: Optional[torch.Generator] = None, callback: Optional[StepCallback] = None,
                 progress: bool = True, dtype: torch.dtype = torch.float32,
                 device: "torch.device | str | None" = None, clip_denoised: bool = False,
-                return_intermediates: bool = False, impl: Impl = "auto") -> SampleResult:
+                return_intermediates: bool = False, impl: Impl = "auto", first_row: int = 0) -> SampleResult:
     """Run the sampler ``sampler`` (one of :data:`SAMPLERS`) from x_T (given, or Philox noise of ``seed`` in
     ``shape`` ``(B, C, ...)``) to x_0; returns its :class:`SampleResult` (``sample`` ``[B, C, ...]`` in x_T's dtype).
 
@@ -102,7 +102,7 @@ def run_sampler(sampler: SamplerChoice, model: Model, diffusion: GaussianDiffusi
         eta: stochasticity of ``"ddim"`` (default 0) and ``"dpm++2m-sde"`` (default 1); the other samplers take
             None (or 0).
         the rest: as in :func:`~diffcore.samplers.ddim_sample` (``impl`` applies to the fused-step samplers
-        ``"ddim"`` and ``"ancestral"``).
+        ``"ddim"`` and ``"ancestral"``; ``first_row``, the image index of row 0, to every sampler).
     """
     info = SAMPLER_INFO[check_sampler(sampler)]
     schedule = info.default_schedule if schedule is None else schedule
@@ -110,7 +110,7 @@ def run_sampler(sampler: SamplerChoice, model: Model, diffusion: GaussianDiffusi
         raise ValueError(f"eta: the {sampler!r} sampler takes no eta (use 'ddim' or 'dpm++2m-sde'), got {eta!r}")
     common = dict(x_T=x_T, model_kwargs=model_kwargs, seed=seed, generator=generator, callback=callback,
                   progress=progress, dtype=dtype, device=device, clip_denoised=clip_denoised,
-                  return_intermediates=return_intermediates)
+                  return_intermediates=return_intermediates, first_row=first_row)
     if sampler == "ancestral":
         return ddpm_sample(model, diffusion, shape, steps=steps, skip_type=schedule, impl=impl, **common)
     steps = 50 if steps is None else steps

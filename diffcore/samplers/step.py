@@ -5,7 +5,7 @@ DPS (:func:`diffcore.inverse.dps_sample`: this step plus its guidance gradient) 
 :func:`reverse_step` checks the loop's settings once (sampler name, eta, flags, the process length) and returns a
 :class:`ReverseStep`; calling it per step only slices the model output and calls the op with ``validated=True`` (no Python
 re-validation per step, timesteps unchecked, no host-device sync; the C++ op still checks shapes and devices). Noise: step k (0-based, in visiting order) draws inside the op at Philox offset k + 1 of the
-loop's seed (offset 0 is x_T, :func:`~diffcore.samplers.initial_noise`).
+loop's seed (offset 0 is x_T, :func:`~diffcore.samplers.initial_noise`), row b as image ``first_row + b``.
 
 Clipping conventions (``clip_denoised=True``, x0_hat clamped to [-1, 1]): with ``rederive_eps_from_clipped_x0``
 (the default, improved-diffusion's and DDIM's official code's choice; diffusers' DDIMScheduler with
@@ -63,6 +63,7 @@ class ReverseStep:
     rederive_eps_from_clipped_x0: bool
     seed: Optional[int]  #: Philox seed of the step noise; None only for deterministic DDIM (eta = 0)
     impl: Impl
+    first_row: int = 0  #: image index of row 0 in the seed's numbering (row b draws image first_row + b's noise)
 
     def __call__(self, x: torch.Tensor, output: torch.Tensor, t: torch.Tensor, t_prev: Optional[torch.Tensor],
                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,13 +71,14 @@ class ReverseStep:
         if self.sampler == "ddpm":
             return ops.ddpm_step(x, output, t, abar, prediction_type=self.prediction_type,
                                  variance_type=self.variance_type, clip_denoised=self.clip_denoised,
-                                 seed=self.seed, offset=k + 1, impl=self.impl, validated=True)
+                                 seed=self.seed, offset=k + 1, first_row=self.first_row, impl=self.impl,
+                                 validated=True)
         prediction = output[:, :x.shape[1]] if self.variance_type.is_learned else output
         clip_in_op = self.clip_denoised and self.rederive_eps_from_clipped_x0
         x_prev, pred_x0 = ops.ddim_step(x, prediction, t, t_prev, abar, self.eta,
                                         prediction_type=self.prediction_type, clip_denoised=clip_in_op,
-                                        seed=self.seed if self.eta > 0 else None, offset=k + 1, impl=self.impl,
-                                        validated=True)
+                                        seed=self.seed if self.eta > 0 else None, offset=k + 1,
+                                        first_row=self.first_row, impl=self.impl, validated=True)
         if self.clip_denoised and not clip_in_op:
             clipped = pred_x0.clamp(-1.0, 1.0)
             abar_prev = torch.where(t_prev >= 0, abar[t_prev.clamp(min=0)], torch.ones_like(abar[t]))
@@ -87,7 +89,7 @@ class ReverseStep:
 
 def reverse_step(diffusion: GaussianDiffusion, sampler: SamplerName, *, eta: float = 0.0,
                  clip_denoised: bool = False, rederive_eps_from_clipped_x0: bool = True,
-                 seed: Optional[int] = None, impl: Impl = "auto") -> ReverseStep:
+                 seed: Optional[int] = None, impl: Impl = "auto", first_row: int = 0) -> ReverseStep:
     """The :class:`ReverseStep` of a loop on ``diffusion`` (already on the sampling device), checked once.
 
     Args:
@@ -96,6 +98,8 @@ def reverse_step(diffusion: GaussianDiffusion, sampler: SamplerName, *, eta: flo
         clip_denoised: clamp x0_hat to [-1, 1]. rederive_eps_from_clipped_x0: see the module docstring.
         seed: the loop's Philox seed (needed unless the step is deterministic DDIM).
         impl: ``"auto" | "fused" | "reference"`` for the ops.
+        first_row: the image index of the batch's row 0 in the seed's numbering (an int in [0, 2**32); the
+            ops check it against the batch size): row b draws image first_row + b's noise.
     """
     if sampler not in SAMPLER_NAMES:
         raise ValueError(f"sampler: expected one of {', '.join(map(repr, SAMPLER_NAMES))}, got {sampler!r}")
@@ -112,7 +116,8 @@ def reverse_step(diffusion: GaussianDiffusion, sampler: SamplerName, *, eta: flo
         raise ValueError(f"seed: the {sampler} step with eta={eta} draws noise and needs the loop's seed, got None")
     if seed is not None:
         seed = ops.check_seed(seed)
+    first_row = ops.check_first_row(first_row, 0)
     path = ops.which_impl(diffusion.alphas_cumprod.device, impl)  # checks impl once; the steps take the path
     return ReverseStep(diffusion.alphas_cumprod, diffusion.prediction_type, diffusion.variance_type, sampler,
                        eta if sampler == "ddim" else 0.0, clip_denoised, rederive_eps_from_clipped_x0,
-                       seed if noisy else None, path)
+                       seed if noisy else None, path, first_row)

@@ -35,7 +35,7 @@ class Rows(Structure):
 
 
 class Noise(Structure):
-    _fields_ = [("given", Rows), ("seed", c_uint64), ("offset", c_uint64)]
+    _fields_ = [("given", Rows), ("seed", c_uint64), ("offset", c_uint64), ("first_row", c_uint64)]
 
 
 class QSampleArgs(Structure):
