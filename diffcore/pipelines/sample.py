@@ -91,10 +91,10 @@ def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps:
             sampler functions of :mod:`diffcore.samplers` are the math for any data and default to False; the
             returned images are clamped to [-1, 1] either way). model_kwargs: e.g. ``{"y": labels}``.
         impl: ``"auto" | "fused" | "reference"`` for the step ops.
-        precision: ``"fp32" | "bf16" | "fp16" | "auto"`` (default ``"auto"``): the model runs under autocast to
+        precision: ``"fp32" | "bf16" | "fp16" | "auto"`` (default :data:`diffcore.runtime.DEFAULT_PRECISION`,
+            ``"fp32"``: the same images on every machine up to float rounding): the model runs under autocast to
             :func:`diffcore.runtime.resolve_precision`'s dtype ("auto": bf16 on GPUs, on CPUs with AMX and on AMD
-            CPUs with AVX512-BF16, else fp32; bf16's FID is within noise of fp32's, bench/RESULTS.md). Pass
-            ``"fp32"`` for images that are the same on every machine up to float rounding.
+            CPUs with AVX512-BF16, else fp32; bf16's FID is within noise of fp32's, bench/RESULTS.md).
         compile: run the model through :func:`diffcore.runtime.compile_model` (graphs cached on disk, batch
             sizes bucketed; the first call per machine compiles for minutes on a CPU). Needs an ``nn.Module``.
         batch_size: images per model call (default :func:`diffcore.runtime.default_batch_size`: 64 on a CPU).

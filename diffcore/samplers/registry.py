@@ -32,7 +32,7 @@ from ..respace import StepsSpec
 from .ddim import ddim_sample
 from .ddpm import ddpm_sample
 from .loop import SampleResult, StepCallback
-from .ode import ode_sample
+from .ode import ODE_DEFAULT_SPACINGS, ode_sample
 from .spacing import Spacing
 
 #: the samplers by name (``diffcore.sample(sampler=...)``, ``diffcore sample --sampler``)
@@ -63,10 +63,10 @@ class SamplerInfo:
 SAMPLER_INFO: dict[str, SamplerInfo] = {
     "ddim": SamplerInfo(1, 1, False, 0.0, "uniform"),
     "ancestral": SamplerInfo(1, 1, True, None, "even"),
-    "euler": SamplerInfo(1, 1, False, None, "uniform"),
-    "heun": SamplerInfo(2, 2, False, None, "karras"),
-    "dpm++2m": SamplerInfo(2, 1, False, None, "quad_full"),
-    "dpm++2m-sde": SamplerInfo(1, 1, True, 1.0, "quad_full"),
+    "euler": SamplerInfo(1, 1, False, None, ODE_DEFAULT_SPACINGS["euler"]),
+    "heun": SamplerInfo(2, 2, False, None, ODE_DEFAULT_SPACINGS["heun"]),
+    "dpm++2m": SamplerInfo(2, 1, False, None, ODE_DEFAULT_SPACINGS["dpmpp_2m"]),
+    "dpm++2m-sde": SamplerInfo(1, 1, True, 1.0, ODE_DEFAULT_SPACINGS["dpmpp_2m_sde"]),
 }
 
 
