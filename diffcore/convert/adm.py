@@ -34,7 +34,7 @@ from ..unet.blocks import AttentionBlock
 from .state import ConversionError, check_state_dict, load_pt_state_dict
 
 __all__ = ["ADMSpec", "adm_spec", "adm_key_map", "expected_adm_shapes", "from_adm_state_dict", "load_adm_model",
-           "ADM_FLAG_DEFAULTS"]
+           "ADM_FLAG_DEFAULTS", "legacy_qkv_to_new"]
 
 AttentionOrder = Literal["legacy", "new"]
 Codebase = Literal["guided-diffusion", "improved-diffusion"]
@@ -209,8 +209,9 @@ def _as_spec(config: "ADMSpec | UNetConfig | Mapping[str, Any] | str", attention
     return spec
 
 
-def adm_key_map(model: UNet) -> dict[str, str]:
-    """diffcore state-dict key -> the ADM key holding the same tensor, for ``model``'s configuration."""
+def adm_key_map(model: torch.nn.Module) -> dict[str, str]:
+    """diffcore state-dict key -> the ADM key holding the same tensor, for ``model``'s configuration (a
+    :class:`UNet`, or any module built from its blocks, e.g. :class:`~diffcore.unet.encoder.EncoderClassifier`)."""
     out = {}
     for key in model.state_dict():
         name = key
@@ -240,11 +241,16 @@ def expected_adm_shapes(model: UNet) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _legacy_to_new(tensor: torch.Tensor, heads: int) -> torch.Tensor:
-    # rows (head, q|k|v, d) -> (q|k|v, head, d)
+def legacy_qkv_to_new(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reorder the 3C rows of a qkv weight ``[3C, ...]`` or bias ``[3C]`` with ``heads`` heads from ADM's legacy
+    order (head, q|k|v, channel) to diffcore's (q|k|v, head, channel)."""
     rows = tensor.shape[0]
     d = rows // (3 * heads)
     return tensor.reshape(heads, 3, d, *tensor.shape[1:]).transpose(0, 1).reshape(rows, *tensor.shape[1:])
+
+
+#: a key only guided-diffusion's noisy classifiers (EncoderUNetModel, attention pooling) have
+CLASSIFIER_POOL_KEY = "out.2.positional_embedding"
 
 
 def from_adm_state_dict(state_dict: Mapping[str, torch.Tensor],
@@ -265,6 +271,10 @@ def from_adm_state_dict(state_dict: Mapping[str, torch.Tensor],
     spec = _as_spec(config, attention_order)
     if not isinstance(state_dict, Mapping):
         raise ConversionError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
+    if CLASSIFIER_POOL_KEY in state_dict:
+        raise ConversionError(f"state_dict: this is a guided-diffusion classifier (it has {CLASSIFIER_POOL_KEY!r}), "
+                              f"not a diffusion model: convert it with --from adm-classifier (a --preset "
+                              f"guided-*-classifier) and pass it to `diffcore sample` as --classifier")
     model = UNet(spec.unet)
     check_state_dict(expected_adm_shapes(model), state_dict, "ADM checkpoint")
     attention = _attention_prefixes(model)
@@ -277,7 +287,7 @@ def from_adm_state_dict(state_dict: Mapping[str, torch.Tensor],
         if prefix is not None and key[len(prefix):] in ("qkv.weight", "proj_out.weight"):
             tensor = tensor.squeeze(-1)
         if prefix is not None and spec.attention_order == "legacy" and key[len(prefix):] in ("qkv.weight", "qkv.bias"):
-            tensor = _legacy_to_new(tensor, attention[prefix])
+            tensor = legacy_qkv_to_new(tensor, attention[prefix])
         if key == "label_emb.weight":
             tensor = torch.cat([tensor, tensor.new_zeros(1, tensor.shape[1])])
             warnings.warn(f"class-conditional ADM model: added a zero row for diffcore's null class (label "

@@ -18,9 +18,9 @@ from ._checks import Scale
 from .classifier import Classifier, ClassifierGuidance, classifier_guidance, classifier_log_prob_grad
 from .classifier_checkpoint import LoadedClassifier, check_classifier_fits, load_classifier, save_classifier
 from .classifier_free import ClassifierFreeGuidance, classifier_free_guidance, drop_labels
-from .noisy_classifier import NoisyClassifier, train_noisy_classifier
+from .noisy_classifier import NoisyClassifier, noisy_accuracy, train_noisy_classifier
 
 __all__ = ["Scale", "Classifier", "ClassifierFreeGuidance", "classifier_free_guidance", "drop_labels",
            "ClassifierGuidance", "classifier_guidance", "classifier_log_prob_grad", "NoisyClassifier",
            "train_noisy_classifier", "LoadedClassifier", "save_classifier", "load_classifier",
-           "check_classifier_fits"]
+           "check_classifier_fits", "noisy_accuracy"]

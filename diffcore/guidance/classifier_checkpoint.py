@@ -9,27 +9,36 @@ for classifier guidance (``diffcore sample --classifier PATH``).
 
 The file format is a diffcore checkpoint directory (:mod:`diffcore.checkpoint`: written atomically, every file's
 SHA-256 verified on load, no pickle): ``model.safetensors`` holds the classifier's weights, ``config.json`` is
-``{"kind": "noisy-classifier", "version": 1, "classifier": UNetConfig.to_dict(), "image_shape": [C, H, W],
-"num_timesteps": T}`` and the training state holds ``alphas_cumprod``, the float64 abar table ``[T]`` of the process
-the classifier was trained on, so that a classifier is never paired with another noise schedule unnoticed.
+``{"kind": "noisy-classifier", "version": 1, "architecture": A, "classifier": <A's config>.to_dict(),
+"image_shape": [C, H, W], "num_timesteps": T}`` and the training state holds ``alphas_cumprod``, the float64 abar
+table ``[T]`` of the process the classifier was trained on, so that a classifier is never paired with another noise
+schedule unnoticed. The architecture A is ``"noisy-classifier"`` (diffcore's :class:`NoisyClassifier` with a
+``UNetConfig``; also when the key is absent, as in the first checkpoints) or ``"adm-encoder"`` (guided-diffusion's
+classifier network, :class:`~diffcore.unet.encoder.EncoderClassifier` with an ``EncoderConfig``, as ``diffcore
+convert --from adm-classifier`` writes it).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
 from .. import checkpoint as ck
 from ..unet.config import UNetConfig
+from ..unet.encoder import EncoderClassifier, EncoderConfig
 from .noisy_classifier import NoisyClassifier
 
 __all__ = ["CLASSIFIER_KIND", "LoadedClassifier", "save_classifier", "load_classifier", "check_classifier_fits"]
 
 CLASSIFIER_KIND = "noisy-classifier"  #: ``config.json["kind"]`` of a noisy-classifier checkpoint
 _VERSION = 1
+#: ``config.json["architecture"]`` -> (network class, its config class); absent means "noisy-classifier"
+ARCHITECTURES = {"noisy-classifier": (NoisyClassifier, UNetConfig), "adm-encoder": (EncoderClassifier, EncoderConfig)}
+#: a classifier network a checkpoint can hold
+SavedClassifier = Union[NoisyClassifier, EncoderClassifier]
 #: largest |abar difference| between the classifier's and the diffusion model's tables that counts as the same schedule
 ABAR_TOLERANCE = 1e-9
 
@@ -40,7 +49,7 @@ class LoadedClassifier:
     requested device), ``alphas_cumprod`` (float64 ``[T]`` on the CPU: the process it was trained on),
     ``image_shape`` ``(C, H, W)`` it was trained at, ``path`` and ``step``."""
 
-    classifier: NoisyClassifier
+    classifier: SavedClassifier
     alphas_cumprod: torch.Tensor
     image_shape: tuple[int, int, int]
     path: Path
@@ -66,20 +75,23 @@ def _check_abar(alphas_cumprod: Any, name: str = "alphas_cumprod") -> torch.Tens
     return alphas_cumprod
 
 
-def save_classifier(path: "str | os.PathLike", classifier: NoisyClassifier, alphas_cumprod: torch.Tensor, *,
+def save_classifier(path: "str | os.PathLike", classifier: SavedClassifier, alphas_cumprod: torch.Tensor, *,
                     image_shape: Optional[Sequence[int]] = None, step: int = 0, overwrite: bool = False) -> Path:
     """Write ``classifier`` as a noisy-classifier checkpoint directory at ``path`` (atomically; see the module notes).
 
     Args:
-        classifier: a :class:`NoisyClassifier` (its config and weights are saved).
+        classifier: a :class:`NoisyClassifier` or an :class:`~diffcore.unet.encoder.EncoderClassifier` (its config
+            and weights are saved).
         alphas_cumprod: float64 ``[T]`` abar of the (original, not respaced) process it was trained on.
         image_shape: ``(C, H, W)`` it was trained at (default ``(in_channels, image_size, image_size)``).
         step: training steps done (recorded). overwrite: replace an existing diffcore checkpoint at ``path``
             (anything else there is refused and left untouched, :func:`diffcore.checkpoint.save_checkpoint`).
     Returns the path written.
     """
-    if not isinstance(classifier, NoisyClassifier):
-        raise TypeError(f"classifier: expected a NoisyClassifier, got {type(classifier).__name__}")
+    architecture = next((name for name, (cls, _) in ARCHITECTURES.items() if type(classifier) is cls), None)
+    if architecture is None:
+        raise TypeError(f"classifier: expected a NoisyClassifier or an EncoderClassifier, got "
+                        f"{type(classifier).__name__}")
     abar = _check_abar(alphas_cumprod).detach().to("cpu")
     cfg = classifier.config
     shape = tuple(int(s) for s in image_shape) if image_shape is not None else \
@@ -87,8 +99,8 @@ def save_classifier(path: "str | os.PathLike", classifier: NoisyClassifier, alph
     if len(shape) != 3 or shape[0] != cfg.in_channels or min(shape) < 1:
         raise ValueError(f"image_shape: expected (C, H, W) with C = {cfg.in_channels} (the classifier's "
                          f"in_channels), got {shape}")
-    config = {"kind": CLASSIFIER_KIND, "version": _VERSION, "classifier": cfg.to_dict(), "image_shape": list(shape),
-              "num_timesteps": int(abar.numel())}
+    config = {"kind": CLASSIFIER_KIND, "version": _VERSION, "architecture": architecture,
+              "classifier": cfg.to_dict(), "image_shape": list(shape), "num_timesteps": int(abar.numel())}
     return ck.save_checkpoint(path, model=classifier.state_dict(), config=config, step=step,
                               state={"alphas_cumprod": abar}, overwrite=overwrite)
 
@@ -125,9 +137,14 @@ def load_classifier(path: "str | os.PathLike", device: "torch.device | str" = "c
     if version != _VERSION:
         raise ck.CheckpointError(f"{where}: noisy-classifier format version {version!r} is not supported "
                                  f"(this diffcore reads version {_VERSION})")
+    architecture = config.get("architecture", "noisy-classifier")
+    if architecture not in ARCHITECTURES:
+        raise ck.CheckpointError(f"{where}: unknown classifier architecture {architecture!r} (this diffcore reads "
+                                 f"{', '.join(ARCHITECTURES)})")
+    network, config_class = ARCHITECTURES[architecture]
     try:
-        cfg = UNetConfig.from_dict(_config_field(config, "classifier", where))
-        classifier = NoisyClassifier(cfg)
+        cfg = config_class.from_dict(_config_field(config, "classifier", where))
+        classifier = network(cfg)
     except (TypeError, ValueError) as error:
         raise ck.CheckpointError(f"{where}: invalid classifier config: {error}") from None
     shape = _config_field(config, "image_shape", where)

@@ -16,7 +16,7 @@ from .. import ops
 from ..unet.blocks import Downsample, EmbedSequential, ResBlock, conv3x3, normalization, timestep_embedding
 from ..unet.config import UNetConfig
 
-__all__ = ["NoisyClassifier", "train_noisy_classifier"]
+__all__ = ["NoisyClassifier", "train_noisy_classifier", "noisy_accuracy"]
 
 
 class NoisyClassifier(nn.Module):
@@ -128,3 +128,57 @@ def train_noisy_classifier(classifier: nn.Module, images: torch.Tensor, labels: 
             bar.set_postfix(loss=f"{float(loss):.3f}")
     classifier.eval()
     return losses.cpu()
+
+
+@torch.no_grad()
+def noisy_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   timesteps: "list[int] | tuple[int, ...]", *, batch_size: int = 500, seed: int = 0) -> list[float]:
+    """Accuracy of ``classifier`` on noised images, one number per timestep: the fraction of ``images`` whose
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise it assigns to their label (argmax of the logits).
+
+    The noise is ``torch.randn`` from a generator on the classifier's device seeded by ``seed``, drawn for the
+    images in order in chunks of ``batch_size`` (``[min(batch_size, rest), C, H, W]`` in the parameters' dtype),
+    the same draws for every t, so the numbers at different t differ by the noise level only.
+
+    Args:
+        classifier: ``classifier(x_t, t) -> logits [B, K]`` (e.g. :class:`NoisyClassifier`; run in eval mode, its
+            mode is restored afterwards).
+        images: float ``[N, C, H, W]`` held-out images in [-1, 1]; labels: int64 ``[N]``.
+        alphas_cumprod: float64 ``[T]`` abar of the process; timesteps: ints in [0, T).
+    Returns: accuracies in [0, 1], one per entry of ``timesteps``.
+    """
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() != 4 \
+            or images.shape[0] == 0:
+        raise TypeError(f"images: expected a non-empty float tensor [N, C, H, W], got "
+                        f"{getattr(images, 'shape', type(images).__name__)}")
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
+        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels: expected int64 [{images.shape[0]}] (one per image), got {got}")
+    if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.dtype != torch.float64 \
+            or alphas_cumprod.dim() != 1:
+        raise TypeError("alphas_cumprod: expected a 1-D float64 abar table")
+    T = alphas_cumprod.numel()
+    bad = [t for t in timesteps if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < T]
+    if bad or not timesteps:
+        raise ValueError(f"timesteps: expected a non-empty list of ints in [0, {T}), got {list(timesteps)!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    weight = next(classifier.parameters())
+    device, dtype = weight.device, weight.dtype
+    abar = alphas_cumprod.to(device)
+    was_training = classifier.training
+    classifier.eval()
+    correct = [0] * len(timesteps)
+    try:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        for start in range(0, images.shape[0], batch_size):
+            x0 = images[start:start + batch_size].to(device=device, dtype=dtype)
+            y = labels[start:start + batch_size].to(device)
+            noise = torch.randn(x0.shape, generator=generator, device=device, dtype=dtype)
+            for i, t in enumerate(timesteps):
+                tt = torch.full((x0.shape[0],), t, dtype=torch.int64, device=device)
+                x_t = ops.q_sample(x0, noise, tt, abar, check_values=False)
+                correct[i] += int((classifier(x_t, tt).argmax(1) == y).sum())
+    finally:
+        classifier.train(was_training)
+    return [c / images.shape[0] for c in correct]
