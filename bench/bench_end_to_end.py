@@ -1,13 +1,14 @@
 """Is diffcore faster than what a user would pick instead? End to end, side by side, in one process.
 
-    OMP_NUM_THREADS=1 python bench/bench_end_to_end.py sample [--rounds 3] [--n 64] [--compile [all]]
+    OMP_NUM_THREADS=1 python bench/bench_end_to_end.py sample [--rounds 3] [--n 64] [--compile] [--threads 1]
     OMP_NUM_THREADS=1 python bench/bench_end_to_end.py train [--rounds 5]
     OMP_NUM_THREADS=1 python bench/bench_end_to_end.py fid [--n 500]
 
-``sample``: DDIM-50 of n images from the packaged Fashion-MNIST model through ``diffcore.sample`` (default
-options, fp32, and compile=True) against diffusers' ``UNet2DModel`` of the same size (1,743,170
-parameters, DESIGN.md section 5) + ``DDIMScheduler`` (cosine schedule, clipping), rounds interleaved; prints the
-median time of each and the median of the per-round ratios diffusers / diffcore.
+``sample``: DDIM-50 of n images from the packaged Fashion-MNIST model through ``diffcore.sample``: the default
+path, ``precision="auto"`` and, with ``--compile``, ``compile=True`` with each of them (first calls timed
+separately), against diffusers' ``UNet2DModel`` of the same size (1,743,170 parameters, DESIGN.md section 5) +
+``DDIMScheduler`` (cosine schedule, clipping), both on ``--threads`` threads, rounds interleaved; prints the median
+time of each and the median of the per-round ratios diffusers / diffcore, with the load average of every round.
 ``train``: one training step (forward, eps MSE, backward, AdamW) at batch 64, diffcore's U-Net (fp32, and bf16
 autocast) against the same diffusers model.
 ``fid``: quality evidence for a bf16 default: n samples in fp32 and in bf16 at equal seeds, scored with
@@ -66,10 +67,14 @@ def diffusers_ddim(unet, n: int, steps: int = 50, seed: int = 0) -> torch.Tensor
     return x
 
 
-def timed(fn) -> float:
+def timed(fn, outputs: "dict | None" = None, name: str = "") -> float:
+    """Seconds ``fn()`` took; its result is kept in ``outputs[name]`` when ``outputs`` is given."""
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    result = fn()
+    elapsed = time.perf_counter() - start
+    if outputs is not None:
+        outputs[name] = result
+    return elapsed
 
 
 def bench_sample(args) -> None:
@@ -81,20 +86,25 @@ def bench_sample(args) -> None:
     def ours(**kw):
         return lambda: diffcore.sample(model, n=n, seed=0, diffusion=diffusion, progress=False, sampler="ddim", **kw)
 
-    options = {"diffcore default (precision auto)": ours(), "diffcore precision=fp32": ours(precision="fp32")}
+    options = {"diffcore default (fp32)": ours(), "diffcore precision=auto": ours(precision="auto")}
     if args.compile:
-        if args.compile == "all":
-            options["diffcore compile=True fp32"] = ours(compile=True, precision="fp32")
-        options["diffcore compile=True (precision auto)"] = ours(compile=True)
+        options["diffcore compile=True (fp32)"] = ours(compile=True)
+        options["diffcore compile=True precision=auto"] = ours(compile=True, precision="auto")
         for name in [k for k in options if "compile" in k]:  # first calls: compile, or load the on-disk cache
             first = timed(options[name])
-            print(f"{name}: first call {first:.1f} s (cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR')})", flush=True)
+            print(f"{name}: first call {first:.1f} s (cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR')}), "
+                  f"load {os.getloadavg()}", flush=True)
     options["diffusers UNet2DModel + DDIMScheduler"] = lambda: diffusers_ddim(reference, n)
-    times = {name: [] for name in options}
+    times, images = {name: [] for name in options}, {}
     for r in range(args.rounds):
         for name, fn in options.items():
-            times[name].append(timed(fn))
-        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()), flush=True)
+            times[name].append(timed(fn, images, name))
+        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items())
+              + f", load {os.getloadavg()}", flush=True)
+    fp32 = images["diffcore default (fp32)"]
+    for name in [k for k in options if k.startswith("diffcore") and k != "diffcore default (fp32)"]:
+        diff = (images[name] - fp32).abs()
+        print(f"{name}: images vs the default's at the same seed: max |diff| {diff.max():.2e}, mean {diff.mean():.2e}")
     base = times["diffusers UNet2DModel + DDIMScheduler"]
     print(f"\nDDIM-50 of {n} images; {machine()}")
     print("| path | median s | speed-up vs diffusers (median of per-round ratios) |\n|---|---|---|")
@@ -185,9 +195,9 @@ def main() -> None:
                         help="fid: precision:seed runs; the first is the baseline (fp32 at another seed gives the "
                         "sampling noise of FID)")
     parser.add_argument("--splits", type=int, default=5, help="fid: disjoint reference splits")
-    parser.add_argument("--compile", nargs="?", const="auto", choices=("auto", "all"),
-                        help="sample: also compile=True (auto precision; 'all': and fp32)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true",
+                        help="sample: also compile=True, in fp32 and with precision='auto'")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of both libraries")
     args = parser.parse_args()
     args.n = args.n or (500 if args.what == "fid" else 64)
     torch.set_num_threads(args.threads)
