@@ -28,7 +28,7 @@ from typing import Any, Literal, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["CpuFeatures", "cpu_features", "Precision", "PRECISIONS", "DEFAULT_PRECISION", "resolve_precision",
+__all__ = ["CpuFeatures", "cpu_features", "Precision", "PRECISIONS", "DEFAULT_PRECISION", "SAMPLE_PRECISION", "resolve_precision",
            "precision_context",
            "default_threads", "set_threads", "cache_dir", "BucketedModel", "compile_model", "bucket_for",
            "DEFAULT_BUCKETS", "CPU_BATCH_SIZE", "default_batch_size", "batch_slices", "slice_rows", "training_bf16"]
@@ -38,9 +38,15 @@ _FEATURE_NAMES = ("amx", "avx512_bf16", "avx512", "avx2", "amd")
 
 Precision = Literal["fp32", "bf16", "fp16", "auto"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "auto")
-#: the precision of ``diffcore.sample`` and ``diffcore sample`` when none is given: fp32, so that a seed gives the
-#: same images on every machine. ``"auto"`` (bf16 where the hardware runs it fast; its FID was within noise of fp32,
-#: bench/RESULTS.md) is the documented faster option.
+#: the precision of ``diffcore.sample`` and ``diffcore sample`` when none is given: ``"auto"``, bf16 where the
+#: hardware runs it fast (GPUs, CPUs with AMX or AMD AVX512-BF16), fp32 elsewhere. On the packaged model its FID was
+#: within noise of fp32's for DDIM-50 (+0.64) and for the default sampler (respaced ancestral, 50 steps, clipped:
+#: 52.1 vs 51.1; disjoint real sets scatter by 3.7) and it sampled 1.5-1.8x faster here (bench/RESULTS.md). The
+#: price: a seed gives the same images only on machines that resolve to the same precision; ``"fp32"`` gives the same
+#: images on every machine up to float rounding.
+SAMPLE_PRECISION: Precision = "auto"
+#: the precision of restoration (DPS differentiates through the model) and evaluation (bits/dim, FID) when none is
+#: given: fp32, the precision their numbers were measured and checked in.
 DEFAULT_PRECISION: Precision = "fp32"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -9,6 +9,10 @@ import torch
 # In-process CLI calls would otherwise set torch's thread count to the machine's cores for the rest of the session
 # (diffcore.runtime.default_threads); tiny test models run fastest on one thread and CI's 2 cores are shared.
 os.environ.setdefault("DIFFCORE_THREADS", "1")
+# What the tests compute must not depend on the CPU they run on: precision="auto" (diffcore.sample's default) picks
+# bf16 on CPUs with AMX or AMD AVX512-BF16. The tests see a CPU without them (auto = fp32) unless a test sets
+# DIFFCORE_CPU_FEATURES itself (monkeypatch) to exercise the bf16 choice.
+os.environ.setdefault("DIFFCORE_CPU_FEATURES", "avx512,avx2")
 
 
 @pytest.fixture

@@ -170,6 +170,35 @@ def test_sample_batch_size_errors(one_thread):
     assert diffcore.sample(model, eta=1.0, batch_size=3, **kw).shape == (4, 1, 8, 8)  # stochastic splits too
 
 
+def test_sample_defaults_to_auto_precision(one_thread, cpu):
+    """diffcore.sample's default precision is "auto": bf16 autocast on a CPU where bf16 is fast (the model then
+    sees bfloat16 activations), exactly the fp32 images elsewhere; restore and evaluate default to fp32."""
+    import inspect
+
+    from diffcore.pipelines import evaluate, restore
+
+    seen = []
+    model = small_model(4)
+
+    def recording(x, t, **kw):  # the dtype a matmul runs in, here, inside the sampler's model call
+        seen.append((x[:, :1, :1, 0] @ x[:, :1, :1, 0].transpose(-1, -2)).dtype)
+        return model(x, t, **kw)
+
+    kw = dict(n=3, steps=3, seed=1, diffusion=tiny_diffusion(), progress=False, image_shape=(1, 8, 8))
+    cpu("amd,avx512_bf16,avx512,avx2")
+    fast = diffcore.sample(recording, **kw)
+    assert set(seen) == {torch.bfloat16}
+    seen.clear()
+    cpu("avx512,avx2")
+    plain = diffcore.sample(recording, **kw)
+    assert set(seen) == {torch.float32}
+    assert torch.equal(plain, diffcore.sample(model, precision="fp32", **kw))
+    assert 0 < (fast - plain).abs().max() < 0.1
+    assert runtime.SAMPLE_PRECISION == "auto" and runtime.DEFAULT_PRECISION == "fp32"
+    assert inspect.signature(restore.restore).parameters["precision"].default == "fp32"
+    assert inspect.signature(evaluate.evaluate_model).parameters["precision"].default == "fp32"
+
+
 @pytest.mark.slow
 def test_bf16_samples_close_to_fp32_in_feature_statistics(one_thread, cpu):
     """The packaged model's bf16 samples against fp32 ones at equal seeds, in the classifier's features: the

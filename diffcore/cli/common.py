@@ -48,12 +48,15 @@ def add_model_flags(parser: argparse.ArgumentParser,
                         "with other jobs)")
 
 
-def add_precision_flags(parser: argparse.ArgumentParser, what: str = "the model") -> None:
-    """``--precision`` and ``--compile``: the compute precision of ``what`` and whether to torch.compile it."""
+def add_precision_flags(parser: argparse.ArgumentParser, what: str = "the model",
+                        default: Optional[str] = None) -> None:
+    """``--precision`` (default ``default``, else :data:`diffcore.runtime.DEFAULT_PRECISION`) and ``--compile``: the
+    compute precision of ``what`` and whether to torch.compile it."""
     from ..runtime import DEFAULT_PRECISION, PRECISIONS
 
-    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
-                        help=f"compute precision of {what} (default {DEFAULT_PRECISION}: the same results on every "
+    default = DEFAULT_PRECISION if default is None else default
+    parser.add_argument("--precision", choices=PRECISIONS, default=default,
+                        help=f"compute precision of {what} (default {default}; fp32: the same results on every "
                         "machine up to float rounding; auto: bf16 on GPUs and on CPUs where it is fast, AMX or AMD "
                         "AVX512-BF16, else fp32; bf16 on other CPUs is slower than fp32)")
     parser.add_argument("--compile", action="store_true",
@@ -62,8 +65,11 @@ def add_precision_flags(parser: argparse.ArgumentParser, what: str = "the model"
 
 
 def add_speed_flags(parser: argparse.ArgumentParser) -> None:
-    """``--precision``, ``--compile``, ``--batch-size``: how a sampling command runs its model."""
-    add_precision_flags(parser)
+    """``--precision`` (default :data:`diffcore.runtime.SAMPLE_PRECISION`), ``--compile``, ``--batch-size``: how a
+    sampling command runs its model."""
+    from ..runtime import SAMPLE_PRECISION
+
+    add_precision_flags(parser, default=SAMPLE_PRECISION)
     parser.add_argument("--batch-size", type=int, help="images per model call (default 64 on a CPU, all on a GPU)")
 
 

@@ -205,6 +205,10 @@ def run(args: argparse.Namespace) -> int:
         (f", guidance scale {args.guidance_scale}" if args.guidance_scale is not None else "") + \
         (f", classifier guidance scale {1.0 if args.classifier_scale is None else args.classifier_scale}"
          if classifier is not None else "")
-    print(f"diffcore sample: wrote {wrote} ({args.n} images, {what}, seed {args.seed}) in "
+    from ..runtime import resolve_precision
+
+    dtype = str(resolve_precision(args.precision, device)).replace("torch.", "")
+    print(f"diffcore sample: wrote {wrote} ({args.n} images, {what}, seed {args.seed}, model in {dtype}"
+          f"{' (--precision auto)' if args.precision == 'auto' else ''}) in "
           f"{time.perf_counter() - started:.1f} s on {device}")
     return 0

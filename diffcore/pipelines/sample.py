@@ -24,7 +24,7 @@ from ..respace import SkipType
 from ..samplers import SamplerChoice, Spacing, check_sampler, default_sampler, run_sampler
 from ..schedules import make_schedule
 from ..images import require_finite
-from ..runtime import (DEFAULT_PRECISION, Precision, batch_slices, compile_model, default_batch_size,
+from ..runtime import (SAMPLE_PRECISION, Precision, batch_slices, compile_model, default_batch_size,
                        precision_context, resolve_precision, slice_rows)
 from ..samplers.loop import StepCallback, draw_seed
 from .common import eval_mode, model_device
@@ -57,7 +57,7 @@ def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps:
            callback: Optional[StepCallback] = None, clip_denoised: bool = True,
            model_kwargs: Optional[dict] = None, generator: Optional[torch.Generator] = None,
            skip_type: Optional[SkipType] = None,
-           impl: Impl = "auto", precision: Precision = DEFAULT_PRECISION, compile: bool = False,
+           impl: Impl = "auto", precision: Precision = SAMPLE_PRECISION, compile: bool = False,
            batch_size: Optional[int] = None) -> torch.Tensor:
     """Generate ``n`` images; returns float32 ``[n, C, H, W]`` in [-1, 1] on ``device``.
 
@@ -91,10 +91,12 @@ def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps:
             sampler functions of :mod:`diffcore.samplers` are the math for any data and default to False; the
             returned images are clamped to [-1, 1] either way). model_kwargs: e.g. ``{"y": labels}``.
         impl: ``"auto" | "fused" | "reference"`` for the step ops.
-        precision: ``"fp32" | "bf16" | "fp16" | "auto"`` (default :data:`diffcore.runtime.DEFAULT_PRECISION`,
-            ``"fp32"``: the same images on every machine up to float rounding): the model runs under autocast to
-            :func:`diffcore.runtime.resolve_precision`'s dtype ("auto": bf16 on GPUs, on CPUs with AMX and on AMD
-            CPUs with AVX512-BF16, else fp32; bf16's FID is within noise of fp32's, bench/RESULTS.md).
+        precision: ``"fp32" | "bf16" | "fp16" | "auto"`` (default :data:`diffcore.runtime.SAMPLE_PRECISION`,
+            ``"auto"``): the model runs under autocast to :func:`diffcore.runtime.resolve_precision`'s dtype
+            ("auto": bf16 on GPUs, on CPUs with AMX and on AMD CPUs with AVX512-BF16, else fp32; bf16's FID on the
+            packaged model is within noise of fp32's, bench/RESULTS.md). ``"fp32"`` gives the same images on every
+            machine up to float rounding; with ``"auto"`` a seed gives the same images on machines that resolve
+            to the same dtype.
         compile: run the model through :func:`diffcore.runtime.compile_model` (graphs cached on disk, batch
             sizes bucketed; the first call per machine compiles for minutes on a CPU). Needs an ``nn.Module``.
         batch_size: images per model call (default :func:`diffcore.runtime.default_batch_size`: 64 on a CPU).
