@@ -5,7 +5,8 @@
     OMP_NUM_THREADS=1 python bench/bench_end_to_end.py fid [--n 500]
 
 ``sample``: DDIM-50 of n images from the packaged Fashion-MNIST model through ``diffcore.sample``: the default
-path, ``precision="auto"`` and, with ``--compile``, ``compile=True`` with each of them (first calls timed
+path (``runtime.SAMPLE_PRECISION``, "auto"), ``precision="fp32"`` and, with ``--compile``, ``compile=True`` with
+each of them (first calls timed
 separately), against diffusers' ``UNet2DModel`` of the same size (1,743,170 parameters, DESIGN.md section 5) +
 ``DDIMScheduler`` (cosine schedule, clipping), both on ``--threads`` threads, rounds interleaved; prints the median
 time of each and the median of the per-round ratios diffusers / diffcore, with the load average of every round.
@@ -28,6 +29,7 @@ import time
 import torch
 
 import diffcore
+from diffcore import runtime
 from diffcore.pretrained import load_default
 from diffcore.runtime import cpu_features
 
@@ -86,10 +88,11 @@ def bench_sample(args) -> None:
     def ours(**kw):
         return lambda: diffcore.sample(model, n=n, seed=0, diffusion=diffusion, progress=False, sampler="ddim", **kw)
 
-    options = {"diffcore default (fp32)": ours(), "diffcore precision=auto": ours(precision="auto")}
+    default = f"diffcore default (precision={runtime.SAMPLE_PRECISION})"
+    options = {default: ours(), "diffcore precision=fp32": ours(precision="fp32")}
     if args.compile:
-        options["diffcore compile=True (fp32)"] = ours(compile=True)
-        options["diffcore compile=True precision=auto"] = ours(compile=True, precision="auto")
+        options["diffcore compile=True (default precision)"] = ours(compile=True)
+        options["diffcore compile=True precision=fp32"] = ours(compile=True, precision="fp32")
         for name in [k for k in options if "compile" in k]:  # first calls: compile, or load the on-disk cache
             first = timed(options[name])
             print(f"{name}: first call {first:.1f} s (cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR')}), "
@@ -101,10 +104,10 @@ def bench_sample(args) -> None:
             times[name].append(timed(fn, images, name))
         print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items())
               + f", load {os.getloadavg()}", flush=True)
-    fp32 = images["diffcore default (fp32)"]
-    for name in [k for k in options if k.startswith("diffcore") and k != "diffcore default (fp32)"]:
+    fp32 = images["diffcore precision=fp32"]
+    for name in [k for k in options if k.startswith("diffcore") and k != "diffcore precision=fp32"]:
         diff = (images[name] - fp32).abs()
-        print(f"{name}: images vs the default's at the same seed: max |diff| {diff.max():.2e}, mean {diff.mean():.2e}")
+        print(f"{name}: images vs fp32's at the same seed: max |diff| {diff.max():.2e}, mean {diff.mean():.2e}")
     base = times["diffusers UNet2DModel + DDIMScheduler"]
     print(f"\nDDIM-50 of {n} images; {machine()}")
     print("| path | median s | speed-up vs diffusers (median of per-round ratios) |\n|---|---|---|")
@@ -196,7 +199,7 @@ def main() -> None:
                         "sampling noise of FID)")
     parser.add_argument("--splits", type=int, default=5, help="fid: disjoint reference splits")
     parser.add_argument("--compile", action="store_true",
-                        help="sample: also compile=True, in fp32 and with precision='auto'")
+                        help="sample: also compile=True, with the default precision and with fp32")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both libraries")
     args = parser.parse_args()
     args.n = args.n or (500 if args.what == "fid" else 64)
