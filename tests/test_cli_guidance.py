@@ -253,7 +253,8 @@ def test_classifier_guidance_with_compile_and_bf16(files, tmp_path, capsys, monk
     common = ("sample", "--checkpoint", files["model"], "--classifier", files["classifier"], "--class", 2, 4,
               "--classifier-scale", 3, "--n", 4, "--steps", 4, "--seed", 9, "--format", "npz", "--no-progress")
     outputs = {}
-    for name, extra in (("eager", ()), ("compiled", ("--compile",)), ("bf16", ("--precision", "bf16"))):
+    for name, extra in (("eager", ("--precision", "fp32")), ("compiled", ("--compile", "--precision", "fp32")),
+                        ("bf16", ("--precision", "bf16"))):
         code, _, err = run_cli(capsys, *common, *extra, "--out", tmp_path / f"{name}.npz")
         assert code == 0, err
         outputs[name] = npz_images(tmp_path / f"{name}.npz")[0].astype(int)

@@ -153,7 +153,8 @@ def test_generate_and_bits_per_dim_precision(models):
     args = (trained.model, trained.diffusion, trained.image_shape)
     fp32 = generate(*args, 6, steps=5, batch_size=4, progress=False, precision="fp32")
     direct = torch.cat([sample(trained.model, n=count, sampler="ddim", steps=5, seed=k, diffusion=trained.diffusion,
-                               image_shape=trained.image_shape, progress=False) for k, count in enumerate((4, 2))])
+                               image_shape=trained.image_shape, progress=False, precision="fp32")
+                        for k, count in enumerate((4, 2))])
     assert torch.equal(fp32, direct)  # the samples as before: diffcore.sample per batch, fp32
     bf16 = generate(*args, 6, steps=5, batch_size=4, progress=False, precision="bf16")
     assert torch.isfinite(bf16).all() and not torch.equal(bf16, fp32)
