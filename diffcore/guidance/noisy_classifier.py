@@ -72,6 +72,21 @@ class NoisyClassifier(nn.Module):
         return self.head(self.body(x.to(weight.dtype), emb))
 
 
+def _check_labeled_images(images, labels, alphas_cumprod) -> None:
+    """images float ``[N, C, H, W]`` (N >= 1), labels int64 ``[N]``, alphas_cumprod a 1-D float64 table, or a named
+    error."""
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() != 4 \
+            or images.shape[0] == 0:
+        raise TypeError(f"images: expected a non-empty float tensor [N, C, H, W], got "
+                        f"{getattr(images, 'shape', type(images).__name__)}")
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
+        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels: expected int64 [{images.shape[0]}] (one per image), got {got}")
+    if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.dtype != torch.float64 \
+            or alphas_cumprod.dim() != 1:
+        raise TypeError("alphas_cumprod: expected a 1-D float64 abar table")
+
+
 def train_noisy_classifier(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                            alphas_cumprod: torch.Tensor, *, steps: int = 1000, batch_size: int = 128,
                            lr: float = 3e-4, weight_decay: float = 0.05, seed: int = 0,
@@ -91,14 +106,7 @@ def train_noisy_classifier(classifier: nn.Module, images: torch.Tensor, labels: 
         progress: tqdm bar (the loss is shown every 50 steps).
     Returns: the per-step mean cross-entropy in nats, float32 ``[steps]`` on the CPU.
     """
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() < 2:
-        raise TypeError(f"images: expected a float tensor [N, C, H, W], got {getattr(images, 'shape', images)!r:.60}")
-    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
-        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"labels: expected int64 [{images.shape[0]}] (one per image), got {got}")
-    if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.dtype != torch.float64 \
-            or alphas_cumprod.dim() != 1:
-        raise TypeError("alphas_cumprod: expected a 1-D float64 abar table")
+    _check_labeled_images(images, labels, alphas_cumprod)
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
@@ -147,16 +155,7 @@ def noisy_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Te
         alphas_cumprod: float64 ``[T]`` abar of the process; timesteps: ints in [0, T).
     Returns: accuracies in [0, 1], one per entry of ``timesteps``.
     """
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() != 4 \
-            or images.shape[0] == 0:
-        raise TypeError(f"images: expected a non-empty float tensor [N, C, H, W], got "
-                        f"{getattr(images, 'shape', type(images).__name__)}")
-    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
-        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"labels: expected int64 [{images.shape[0]}] (one per image), got {got}")
-    if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.dtype != torch.float64 \
-            or alphas_cumprod.dim() != 1:
-        raise TypeError("alphas_cumprod: expected a 1-D float64 abar table")
+    _check_labeled_images(images, labels, alphas_cumprod)
     T = alphas_cumprod.numel()
     bad = [t for t in timesteps if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < T]
     if bad or not timesteps:
