@@ -367,11 +367,10 @@ class GaussianDiffusion:
         elif detach_mean:
             model_output = model_output.detach()
         pmv = self.p_mean_variance(None, x_t, t, clip_denoised=clip_denoised, model_output=model_output)
-        kl = formulas.normal_kl(true.mean, true.log_variance, pmv.mean, pmv.log_variance) / formulas.LOG2
-        nll = -formulas.discretized_gaussian_log_likelihood(x0.to(pmv.mean.dtype), pmv.mean,
-                                                            0.5 * pmv.log_variance) / formulas.LOG2
         at_zero = formulas.per_sample(t == 0, x_t)
-        return mean_flat(torch.where(at_zero, nll, kl)), pmv
+        vb = formulas.vb_bits(x0.to(pmv.mean.dtype), true.mean, true.log_variance, pmv.mean, pmv.log_variance,
+                              at_zero)
+        return mean_flat(vb), pmv
 
     def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
         """KL(q(x_{T-1} | x0) || N(0, I)) in bits/dim, ``[B]`` (the bound's prior term)."""

@@ -5,6 +5,12 @@ turns a NaN local derivative into a NaN gradient even where clamp's backward mas
 fused kernels must agree position by position (``assert_close(..., equal_nan=True)`` checks that NaN sits in the
 same places and that infinities match in sign). Shapes are chosen so that both the vectorized element loops and
 their scalar tails run (inner sizes not a multiple of 16).
+
+The hybrid loss selects a branch per sample (KL for t > 0, decoder NLL at t = 0) and, inside the NLL, per element
+(the open edge bins). The fused kernel computes the selected branch only; the reference computes each branch on
+inputs masked to 0 where it is not selected ("double where", ``formulas.branch_inputs``), so their gradients agree
+even where the unselected branch overflows - a plain ``torch.where`` would leak NaN there (0 * inf), as
+``test_plain_where_leaks_nan_that_the_double_where_keeps_out`` shows.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import torch
 
 from diffcore import ops
 from diffcore.reference import formulas
-from diffcore.types import VarianceType, as_prediction_type, as_variance_type
+from diffcore.types import as_prediction_type
 
 from op_cases import make_table, random_images, timesteps, tolerance
 
@@ -40,45 +46,6 @@ def _poison(x: torch.Tensor, seed: int, fraction: float = 0.08, values=SPECIALS)
 def _same(fused: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
     assert fused.dtype == ref.dtype and fused.shape == ref.shape
     torch.testing.assert_close(fused.double(), ref.double(), **tolerance(dtype), equal_nan=True)
-
-
-def _selected_branch_gradient(model_output, x0, x_t, noise, t, table, prediction_type, variance_type, weights):
-    """d(sum w mse + w^2 vb)/d model_output through the vb branch each sample takes (KL for t > 0, the decoder NLL
-    at t = 0) only, written with diffcore.reference.formulas sample by sample.
-
-    The reference op selects the branch with torch.where, whose backward multiplies the gradient of the branch it
-    did not select by 0 - and 0 * inf = NaN, so a non-finite intermediate of the unused branch leaks into the
-    reference's gradient. The fused kernel computes the selected branch only; this is its oracle.
-    """
-    dt = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    ptype, vtype = as_prediction_type(prediction_type), as_variance_type(variance_type)
-    tables = formulas.gather_tables(table, t)
-    channels = x0.shape[1]
-    leaf = model_output.detach().to(dt).requires_grad_(True)
-    total = 0.0
-    for b in range(x0.shape[0]):
-        def coef(values):
-            return formulas.per_sample(values[b:b + 1], x0[b:b + 1]).to(dt)
-        pred, var = leaf[b:b + 1, :channels], leaf[b:b + 1, channels:]
-        xb, xtb, nb = x0[b:b + 1].to(dt), x_t[b:b + 1].to(dt), noise[b:b + 1].to(dt)
-        abar = coef(tables.abar)
-        mse = ((pred - formulas.training_target(xb, nb, abar, ptype)) ** 2).mean()
-        x0_hat, _ = formulas.predict_x0_eps(pred.detach(), xtb, abar, ptype, False)
-        c1, c2 = coef(tables.posterior_mean_coef1), coef(tables.posterior_mean_coef2)
-        model_mean = c1 * x0_hat + c2 * xtb
-        if vtype == VarianceType.LEARNED:
-            model_log_var = var
-        else:
-            frac = (var + 1.0) / 2.0
-            model_log_var = frac * coef(tables.beta.log()) + (1.0 - frac) * coef(tables.log_posterior_variance)
-        if int(t[b]) == 0:
-            vb = -formulas.discretized_gaussian_log_likelihood(xb, model_mean, 0.5 * model_log_var) / formulas.LOG2
-        else:
-            vb = formulas.normal_kl(c1 * xb + c2 * xtb, coef(tables.log_posterior_variance), model_mean,
-                             model_log_var) / formulas.LOG2
-        total = total + weights[b] * mse + weights[b] ** 2 * vb.mean()
-    total.backward()
-    return leaf.grad.to(model_output.dtype)
 
 
 def _both(fn, *args, **kwargs):
@@ -250,12 +217,8 @@ def test_hybrid_loss_non_finite_inputs_forward_and_backward(dtype, variance_type
     loss_tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mse_f, mse_r, **loss_tol, equal_nan=True)
     torch.testing.assert_close(vb_f, vb_r, **loss_tol, equal_nan=True)
-    oracle = _selected_branch_gradient(*args, prediction_type, variance_type, w)
-    assert torch.isnan(oracle[0, 3:]).any() and torch.isfinite(oracle[1]).all()
-    _same(grad_f, oracle, dtype)
-    # the oracle is the reference's gradient wherever torch.where leaked nothing
-    kept = ~torch.isnan(grad_r)
-    _same(oracle[kept], grad_r[kept], dtype)
+    assert torch.isnan(grad_r[0, 3:]).any() and torch.isfinite(grad_r[1]).all()
+    _same(grad_f, grad_r, dtype)
 
 
 def test_hybrid_loss_extreme_log_variances():
@@ -268,7 +231,6 @@ def test_hybrid_loss_extreme_log_variances():
     model_output = random_images((3, 6, 4, 4), torch.float32, seed=2, scale=0.5).clamp(-1, 1)
     values = torch.tensor([-200.0, -95.0, -90.0, -88.0, 95.0, 200.0])
     model_output[:, 3].view(3, -1)[:, : values.numel()] = values
-    w = torch.ones(3, dtype=torch.float64)
     results = {}
     for impl in ["fused", "reference"]:
         leaf = model_output.clone().requires_grad_(True)
@@ -277,9 +239,82 @@ def test_hybrid_loss_extreme_log_variances():
         results[impl] = (vb.detach(), leaf.grad)
     assert torch.isinf(results["reference"][0][1:]).all()
     torch.testing.assert_close(results["fused"][0], results["reference"][0], rtol=1e-5, atol=1e-5, equal_nan=True)
-    oracle = _selected_branch_gradient(model_output, x0, x_t, noise, t, table, "eps", "learned", w)
-    assert torch.isinf(oracle[1:]).any()
-    _same(results["fused"][1], oracle)
+    assert torch.isinf(results["reference"][1][1:]).any()  # exp(-lv2) of the KL overflows in the gradient too
+    _same(results["fused"][1], results["reference"][1])
+
+
+def test_plain_where_leaks_nan_that_the_double_where_keeps_out():
+    """formulas.vb_bits against each sample's own branch (boolean indexing: no torch.where at the sample level),
+    and why it masks the branches' inputs: the plain torch.where(at_zero, nll, kl) of branches computed on the full
+    inputs has NaN gradients where the branch it did not select overflows (0 * inf = NaN)."""
+    shape = (4, 3, 5, 7)
+    x0 = random_images(shape, torch.float32, seed=0).clamp(-1, 1)
+    true_mean = random_images(shape, torch.float32, seed=1, scale=0.5)
+    model_mean = true_mean + random_images(shape, torch.float32, seed=2, scale=0.05)
+    model_mean[0] = x0[0]  # centered = 0: the decoder NLL of sample 0 stays finite at a log variance of -90
+    true_log_var = torch.tensor([-9.0, -6.0, -4.0, -3.0]).view(-1, 1, 1, 1)
+    model_log_var = random_images(shape, torch.float32, seed=3) - 5.0
+    model_log_var[:2, 0, 1, :3] = -90.0  # exp(-lv2) of the KL overflows (> ln(FLT_MAX) = 88.7)
+    at_zero = torch.tensor([True, False, True, False]).view(-1, 1, 1, 1)
+    z = at_zero.view(-1)
+
+    def grad_of(vb_fn):
+        leaf = model_log_var.clone().requires_grad_(True)
+        vb = vb_fn(leaf)
+        (grad,) = torch.autograd.grad(vb.sum(), leaf)
+        return vb.detach(), grad
+
+    def nll(x, mean, log_var):
+        return -formulas.discretized_gaussian_log_likelihood(x, mean, 0.5 * log_var) / formulas.LOG2
+
+    def kl(m1, lv1, m2, lv2):
+        return formulas.normal_kl(m1, lv1, m2, lv2) / formulas.LOG2
+
+    vb, grad = grad_of(lambda lv: formulas.vb_bits(x0, true_mean, true_log_var, model_mean, lv, at_zero))
+    vb_nll, grad_nll = grad_of(lambda lv: nll(x0[z], model_mean[z], lv[z]))
+    vb_kl, grad_kl = grad_of(lambda lv: kl(true_mean[~z], true_log_var[~z], model_mean[~z], lv[~z]))
+    assert torch.equal(vb[z], vb_nll) and torch.equal(vb[~z], vb_kl)  # the forward values, bit for bit
+    torch.testing.assert_close(grad[z], grad_nll[z], rtol=0, atol=0)
+    torch.testing.assert_close(grad[~z], grad_kl[~z], rtol=0, atol=0)  # -inf where exp(-lv2) = inf
+    assert torch.isfinite(grad[0]).all() and torch.isneginf(grad[1, 0, 1, :3]).all()
+
+    plain_vb, plain_grad = grad_of(lambda lv: torch.where(at_zero, nll(x0, model_mean, lv),
+                                                          kl(true_mean, true_log_var, model_mean, lv)))
+    assert torch.equal(plain_vb, vb)
+    assert torch.isnan(plain_grad[0, 0, 1, :3]).all()  # the unselected KL: 0 * exp(90) = 0 * inf
+    leaked = torch.isnan(plain_grad) & ~torch.isnan(grad)
+    assert torch.equal(plain_grad[~leaked], grad[~leaked])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hybrid_loss_edge_bin_gradient_ignores_the_unused_bin_edge(dtype):
+    """An open edge bin reads one CDF (x = 1: the lower bin edge); the other one's argument (inv_stdv (x - mean
+    + 1/255)) can overflow in the derivative of the tanh-CDF (3 u^2 = inf) without touching the selected branch.
+    The fused kernel never computes it; the reference's nested torch.where computes it on zeros there."""
+    table, t = make_table(), torch.tensor([0, 0])
+    half_bin = torch.tensor(1.0 / 255.0, dtype=dtype)
+    x0 = random_images((2, 3, 4, 5), dtype, seed=0).clamp(-0.9, 0.9)
+    x0[0, :, 0], x0[1, :, 0] = 1.0, -1.0  # the upper edge bin in sample 0, the lower one in sample 1
+    noise = random_images((2, 3, 4, 5), dtype, seed=1)
+    x_t = ops.q_sample(x0, noise, t, table, impl="reference")
+    prediction = x0 + random_images((2, 3, 4, 5), dtype, seed=2, scale=0.01)  # at t = 0, model mean = x0_hat
+    prediction[0, :, 0], prediction[1, :, 0] = 1.0 - half_bin, -1.0 + half_bin  # the used edge at the mean
+    log_var = torch.full((2, 3, 4, 5), -101.3 if dtype == torch.float32 else -723.0, dtype=dtype)
+    log_var[:, :, 1:] = random_images((2, 3, 3, 5), dtype, seed=3) - 5.0
+    inv_stdv = torch.exp(-0.5 * log_var[:, :, 0])
+    unused = inv_stdv * torch.stack([x0[0, :, 0] - prediction[0, :, 0] + half_bin,
+                                     x0[1, :, 0] - prediction[1, :, 0] - half_bin])
+    assert torch.isinf(3.0 * unused * unused).all() and torch.isfinite(unused).all()  # the premise
+    model_output = torch.cat([prediction, log_var], dim=1)
+    grads = {}
+    for impl in ["fused", "reference"]:
+        leaf = model_output.clone().requires_grad_(True)
+        mse, vb = ops.hybrid_loss(leaf, x0, x_t, noise, t, table, prediction_type="x0", variance_type="learned",
+                                  impl=impl)
+        (mse.sum() + vb.sum()).backward()
+        grads[impl] = leaf.grad
+    assert torch.isfinite(grads["reference"]).all()
+    _same(grads["fused"], grads["reference"], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

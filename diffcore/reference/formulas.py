@@ -126,16 +126,48 @@ def approx_standard_normal_cdf(x):
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
+def branch_inputs(keep, *tensors):
+    """``tensors`` where ``keep`` holds and 0 elsewhere (each broadcast against ``keep``): the inputs of one branch
+    of a ``torch.where`` ("double where").
+
+    The backward of ``torch.where(c, a, b)`` passes 0 to the branch it did not select, and 0 * inf = 0 * NaN = NaN,
+    so a non-finite intermediate of the unselected branch would turn the gradient NaN where the selected branch's
+    is finite. A branch computed on these inputs meets only zeros where it is not selected, while where it is
+    selected it sees its inputs unchanged (its values, NaN and inf included, are the same bit for bit).
+    Returns a tuple with one tensor per input, in the dtype of that input.
+    """
+    return tuple(torch.where(keep, tensor, 0.0) for tensor in tensors)
+
+
 def discretized_gaussian_log_likelihood(x, means, log_scales):
     """log-probability (nats) of x in [-1, 1] under a Gaussian discretized into 256 bins of width 2/255.
 
     The edge bins are open (x < -0.999 takes the CDF from -inf, x > 0.999 up to +inf); logs are clamped at 1e-12.
+    A NaN x takes the inner-bin formula. Each bin edge's CDF is computed only where a selected branch reads it
+    (:func:`branch_inputs`), so the gradient is that of the selected branch alone, as in the fused kernel.
     """
     centered = x - means
     inv_stdv = torch.exp(-log_scales)
-    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
-    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    lower, upper = x < -0.999, x > 0.999
+    plus_scale, plus_centered = branch_inputs(~upper, inv_stdv, centered)  # read by the lower and inner bins
+    min_scale, min_centered = branch_inputs(~lower, inv_stdv, centered)  # read by the upper and inner bins
+    cdf_plus = approx_standard_normal_cdf(plus_scale * (plus_centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(min_scale * (min_centered - 1.0 / 255.0))
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+    return torch.where(lower, log_cdf_plus, torch.where(upper, log_one_minus_cdf_min, log_cdf_delta))
+
+
+def vb_bits(x0, true_mean, true_log_var, model_mean, model_log_var, at_zero):
+    """One term of the variational bound per element, in bits: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) / ln 2
+    where ``at_zero`` is false and the decoder NLL -log p(x0 | x_1) / ln 2 (x0 in [-1, 1]) where it is true.
+
+    Images are ``[B, ...]``; the log variances may be per sample (``[B, 1, ..., 1]``); ``at_zero`` (bool, t == 0)
+    is ``[B, 1, ..., 1]``. Each branch runs on :func:`branch_inputs`, so NaN / inf of a sample's unused branch
+    reach neither its value nor its gradient; those of the used branch propagate as in torch.
+    """
+    kl = normal_kl(*branch_inputs(~at_zero, true_mean, true_log_var, model_mean, model_log_var)) / LOG2
+    x, mean, log_var = branch_inputs(at_zero, x0, model_mean, model_log_var)
+    nll = -discretized_gaussian_log_likelihood(x, mean, 0.5 * log_var) / LOG2
+    return torch.where(at_zero, nll, kl)

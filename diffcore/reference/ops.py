@@ -169,7 +169,8 @@ def hybrid_loss(
     vb = mean over non-batch dims of KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) / ln 2 for t > 0 and of the decoder
     NLL -log p(x0|x1) / ln 2 at t = 0, with the model mean computed from the prediction with its gradient
     stopped: vb trains only the variance channels. Outputs are float32 (float64 for float64 inputs).
-    Differentiable with respect to ``model_output``.
+    Differentiable with respect to ``model_output``; the gradient of vb is that of each sample's (and each edge
+    bin's) selected branch only, as the fused kernel computes it (:func:`~diffcore.reference.formulas.vb_bits`).
     """
     dt = compute_dtype(x0)
     variance_type = VarianceType(variance_type)
@@ -188,10 +189,8 @@ def hybrid_loss(
     true_mean, model_mean = c1 * x0c + c2 * x_tc, c1 * x0_hat + c2 * x_tc
     true_log_var = _coef(tables.log_posterior_variance, x0, dt)
     model_log_var = _log_variance(variance_type, tables, var_output, x0, dt)
-    kl = formulas.normal_kl(true_mean, true_log_var, model_mean, model_log_var) / formulas.LOG2
-    nll = -formulas.discretized_gaussian_log_likelihood(x0c, model_mean, 0.5 * model_log_var) / formulas.LOG2
     at_zero = _coef((t == 0).double(), x0, dt).bool()
-    vb = torch.where(at_zero, nll, kl).mean(dim=reduce_dims)
+    vb = formulas.vb_bits(x0c, true_mean, true_log_var, model_mean, model_log_var, at_zero).mean(dim=reduce_dims)
     return mse, vb
 
 
