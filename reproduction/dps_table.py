@@ -30,7 +30,9 @@ def run_dps_task(ctx: Context, task: str) -> dict[str, Any]:
     truth = ctx.scorer.held_out(s.dps_images)
     started = time.perf_counter()
     result = restore(bundle.model, bundle.diffusion, truth, task, sigma_y=s.dps_sigma_y, steps=s.dps_steps,
-                     sampler="ddpm", zeta=s.dps_zeta, seed=s.seed, progress=ctx.progress)
+                     sampler="ddpm", zeta=s.dps_zeta, seed=s.seed, progress=ctx.progress,
+                     batch_size=s.dps_images)  # one batch, as the stored results were computed (float32 DPS
+    # trajectories of a few images can fork between batch sizes: restore's docstring)
     seconds = time.perf_counter() - started
     quality = restoration_metrics(result)
     rows = [truth[:8]]

@@ -213,7 +213,7 @@ def bad_cases(files, root):
         (("--classifier-scale", 2), "--classifier-scale: applies with --classifier"),
         (("--classifier", clf, "--class", NUM_CLASSES), "the classifier has 5 classes"),
         (("--class", 1), "--class: the model is not class-conditional"),
-        (("--classifier", clf, "--class", 1, "--batch-size", 2), "runs all --n 4 images as one batch"),
+        (("--classifier", clf, "--class", 1, "--batch-size", 0), "--batch-size: expected >= 1, got 0"),
     ]
 
 

@@ -26,6 +26,8 @@ def register(sub) -> None:
     add_model_flags(p, steps_help=f"reverse steps of a respaced process (default {_DEFAULT_STEPS}, at most T; DPS "
                  "works best with many)")
     add_precision_flags(p, "the model's calls (the operator and the DPS step stay fp32)")
+    p.add_argument("--batch-size", type=int, help="images restored per batch (default 64 on a CPU, all on a GPU; "
+                   "the same restorations for every batch size up to float rounding, which DPS may amplify)")
     p.add_argument("--task", required=True, metavar="TASK",
                    help=f"the degradation: one of {', '.join(RESTORE_TASKS)}")
     p.add_argument("--input", required=True, type=Path, metavar="IMAGE",
@@ -98,6 +100,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--zeta: expected a finite value >= 0, got {args.zeta}")
     if not 0 <= args.eta < float("inf"):
         raise UsageError(f"--eta: expected a finite value >= 0, got {args.eta}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size: expected >= 1, got {args.batch_size}")
     if args.eta != 0 and args.sampler != "ddim":
         raise UsageError("--eta: applies to --sampler ddim")
     if not args.input.exists():
@@ -136,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
                      noise=args.noise, photon_rate=255.0 if args.photon_rate is None else args.photon_rate,
                      steps=steps, sampler=args.sampler, eta=args.eta, zeta=args.zeta, seed=args.seed,
                      operator_kwargs=kwargs, clip_denoised=args.clip, progress=args.progress,
-                     precision=args.precision, compile=args.compile)
+                     precision=args.precision, compile=args.compile, batch_size=args.batch_size)
     extra = {"input": str(args.input), "checkpoint": str(args.checkpoint) if args.checkpoint else "packaged"}
     report = write_restoration(result, args.out, extra=extra)
     print(f"diffcore restore: {args.task} of {args.input} ({'x'.join(map(str, shape))}), DPS {args.sampler} "

@@ -1,15 +1,20 @@
 """``diffcore sample``: generate images with any sampler (``--sampler``, ``--steps``, ``--schedule``, ``--eta``),
 optionally class-conditional with classifier-free guidance (``--class``, ``--guidance-scale``) and/or classifier
 guidance by a noisy classifier (``--classifier``, ``--classifier-scale``), and write them as a PNG grid (default),
-one PNG per image or an ``.npz`` (``--format``), all outputs of a call together or none."""
+one PNG per image or an ``.npz`` (``--format``), all outputs of a call together or none.
+
+``--first-image K`` makes images K .. K + n - 1 of the seed (labels included), so shards run anywhere give the images
+of one run; ``--format png`` names each file by that global index and never replaces an existing file."""
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
 from ..images import encode_png, grid_png, npz_bytes, to_uint8
 from ..outputs import write_together
+from ..reference.philox import MAX_IMAGES
 from .common import (UsageError, add_model_flags, add_speed_flags, check_output_file, check_output_folder,
                      load_model)
 
@@ -42,11 +47,17 @@ def register(sub) -> None:
                    help="classifier guidance scale s >= 0 (default 1: the classifier's posterior; 0: unguided; "
                    "larger: more class-typical)")
     p.add_argument("--format", choices=("grid", "png", "npz"), default="grid",
-                   help="grid: one PNG grid (default); png: --out is a folder of numbered PNGs, one per image "
-                   "(for torch-fidelity / clean-fid); npz: uint8 [N, H, W, C] as arr_0, labels as arr_1")
+                   help="grid: one PNG grid (default); png: --out is a folder of PNGs, one per image, named by the "
+                   "image's index in the seed (--first-image + i, 6 digits or more; an existing file is never "
+                   "replaced) for torch-fidelity / clean-fid; npz: uint8 [N, H, W, C] as arr_0, labels as arr_1")
     p.add_argument("--seed", type=int, default=0, help="seed of all noise (default 0)")
+    p.add_argument("--first-image", type=int, default=0, metavar="K",
+                   help="make images K .. K + n - 1 of the seed (default 0): shards with the same seed, each with its "
+                   "own K, together give exactly the images (and labels) of one run; with --format png the files "
+                   "are named by that global index, so shards can share one folder")
     p.add_argument("--class", "--label", dest="label", type=int, nargs="+",
-                   help="class label(s), cycled over the images: of a class-conditional model (default: all classes "
+                   help="class label(s), cycled over the images by their index in the seed (so a --first-image shard "
+                   "gets the labels of one big run): of a class-conditional model (default: all classes "
                    "in turn; the null class K for unconditional) and/or the target of --classifier (required there)")
     p.add_argument("--out", type=Path, help="output: the PNG grid (default samples.png), the folder of PNGs "
                    "(default samples/) or the .npz (default samples.npz)")
@@ -63,6 +74,9 @@ DEFAULT_OUT = {"grid": Path("samples.png"), "png": Path("samples"), "npz": Path(
 def _check(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise UsageError(f"--n: expected >= 1, got {args.n}")
+    if not 0 <= args.first_image <= MAX_IMAGES - args.n:
+        raise UsageError(f"--first-image: expected 0..2**32 - n = {MAX_IMAGES - args.n} (a seed numbers 2**32 "
+                         f"images, this call makes --n {args.n}), got {args.first_image}")
     if args.fast and args.ancestral:
         raise UsageError("--fast and --ancestral exclude each other")
     if args.ancestral and args.sampler not in (None, "ancestral"):
@@ -80,16 +94,12 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--classifier: needs --class K [K ...], the target label(s) of the classifier guidance")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size: expected >= 1, got {args.batch_size}")
-    if args.batch_size is not None and args.batch_size < args.n and \
-            (args.classifier is not None or args.guidance_scale is not None):
-        flag = "--classifier" if args.classifier is not None else "--guidance-scale"
-        raise UsageError(f"--batch-size: guided sampling ({flag}) runs all --n {args.n} images as one batch, got "
-                         f"--batch-size {args.batch_size}")
     if args.nrow is not None and args.nrow < 1:
         raise UsageError(f"--nrow: expected >= 1, got {args.nrow}")
     args.out = args.out if args.out is not None else DEFAULT_OUT[args.format]
     if args.format == "png":
         check_output_folder(args.out, "--out")
+        _check_no_existing(_png_paths(args))
     else:
         check_output_file(args.out, "--out")
     if args.npz:
@@ -121,28 +131,50 @@ def _labels(args: argparse.Namespace, num_classes, classifier_classes, device):
     bad = [k for k in labels if not 0 <= k < top]
     if bad:
         raise UsageError(f"--class: expected labels in {expected}, got {bad}")
-    return torch.tensor(labels, dtype=torch.int64, device=device).repeat(-(-args.n // len(labels)))[:args.n]
+    image = torch.arange(args.first_image, args.first_image + args.n, dtype=torch.int64)  # the global indexes
+    return torch.tensor(labels, dtype=torch.int64)[image % len(labels)].to(device)
 
 
 def _guided_model(args: argparse.Namespace, loaded, labels, classifier):
     """(model, model_kwargs, compile) to sample with: the loaded model, wrapped for classifier-free guidance
-    (--guidance-scale) and then classifier guidance (--classifier); a guided model is compiled inside the wrappers."""
+    (--guidance-scale) and then classifier guidance (--classifier); a guided model is compiled inside the wrappers.
+    The labels go in model_kwargs (``y`` for the model or the CFG wrapper, ``classifier_y`` for the classifier's
+    targets), so that :func:`diffcore.sample` gives each batch its rows of them."""
     from ..guidance import classifier_free_guidance, classifier_guidance
     from ..runtime import compile_model
 
-    model, kwargs, compile_ = loaded.model, None, args.compile
+    model, kwargs, compile_ = loaded.model, {}, args.compile
     guided = args.guidance_scale is not None or classifier is not None
     if guided and compile_:  # the wrappers are not modules: compile the network inside them
         model, compile_ = compile_model(model), False
     if labels is not None and args.guidance_scale is not None:
-        model = classifier_free_guidance(model, labels, args.guidance_scale, null_class=loaded.num_classes)
-    elif labels is not None and loaded.num_classes is not None:
-        kwargs = {"y": labels}
+        model = classifier_free_guidance(model, None, args.guidance_scale, null_class=loaded.num_classes)
+    if labels is not None and loaded.num_classes is not None:  # the model's labels (or the CFG wrapper's)
+        kwargs["y"] = labels
     if classifier is not None:
         scale = 1.0 if args.classifier_scale is None else args.classifier_scale
-        model = classifier_guidance(model, classifier.classifier, labels, scale, loaded.diffusion.alphas_cumprod,
-                                    prediction_type=loaded.diffusion.prediction_type)
-    return model, kwargs, compile_
+        model = classifier_guidance(model, classifier.classifier, None, scale, loaded.diffusion.alphas_cumprod,
+                                    prediction_type=loaded.diffusion.prediction_type, label_kwarg="classifier_y")
+        kwargs["classifier_y"] = labels
+    return model, kwargs or None, compile_
+
+
+def _png_paths(args: argparse.Namespace) -> list[Path]:
+    """The files of ``--format png``: ``--out/NNNNNN.png`` named by the global image index (``--first-image`` + i,
+    at least 6 digits), the same names whatever the shard."""
+    return [args.out / f"{args.first_image + i:06d}.png" for i in range(args.n)]
+
+
+def _check_no_existing(paths: list[Path]) -> None:
+    """A UsageError when any of ``paths`` exists: per-image PNGs never replace a file (another shard's, an earlier
+    run's or the user's own); diffcore deletes nothing, so the user removes them or picks another folder."""
+    existing = [path for path in paths if os.path.lexists(path)]
+    if existing:
+        shown = ", ".join(path.name for path in existing[:3]) + (f" and {len(existing) - 3} more"
+                                                                 if len(existing) > 3 else "")
+        raise UsageError(f"--out: {len(existing)} of the {len(paths)} PNGs exist already in {paths[0].parent} "
+                         f"({shown}); diffcore sample never replaces a file: choose another --out or --first-image, "
+                         f"or remove them")
 
 
 def _output_files(args: argparse.Namespace, images, labels) -> dict:
@@ -154,9 +186,7 @@ def _output_files(args: argparse.Namespace, images, labels) -> dict:
     if args.format == "grid":
         files = {args.out: grid_png(images, nrow=args.nrow)}
     elif args.format == "png":
-        width = max(6, len(str(args.n - 1)))
-        files = {args.out / f"{i:0{width}d}.png": encode_png(p[..., 0] if p.shape[-1] == 1 else p)
-                 for i, p in enumerate(pixels)}
+        files = {path: encode_png(p[..., 0] if p.shape[-1] == 1 else p) for path, p in zip(_png_paths(args), pixels)}
     else:
         files = {args.out: npz_bytes(**arrays)}
     if args.npz:
@@ -190,14 +220,14 @@ def run(args: argparse.Namespace) -> int:
         check_classifier_fits(classifier, loaded.diffusion, loaded.image_shape)
     labels = _labels(args, loaded.num_classes, classifier.num_classes if classifier else None, device)
     model, kwargs, compile_ = _guided_model(args, loaded, labels, classifier)
-    guided = classifier is not None or args.guidance_scale is not None
-    batch_size = args.n if guided else args.batch_size  # a guided model holds the labels of the whole batch
     images = sample(model, n=args.n, steps=steps, sampler=sampler, schedule=args.schedule, eta=args.eta,
                     clip_denoised=args.clip,
                     seed=args.seed, device=device, diffusion=loaded.diffusion, image_shape=loaded.image_shape,
                     progress=args.progress, model_kwargs=kwargs, precision=args.precision, compile=compile_,
-                    batch_size=batch_size)
+                    batch_size=args.batch_size, first_image=args.first_image)
     files = _output_files(args, images, labels)
+    if args.format == "png":  # again: another process may have written into the folder meanwhile
+        _check_no_existing(_png_paths(args))
     write_together(files)
     wrote = f"{args.out}" + (f" ({args.n} PNGs)" if args.format == "png" else "") + \
         (f" and {args.npz}" if args.npz else "")
@@ -208,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime import resolve_precision
 
     dtype = str(resolve_precision(args.precision, device)).replace("torch.", "")
-    print(f"diffcore sample: wrote {wrote} ({args.n} images, {what}, seed {args.seed}, model in {dtype}"
+    which = f"images {args.first_image}..{args.first_image + args.n - 1}" if args.first_image else f"{args.n} images"
+    print(f"diffcore sample: wrote {wrote} ({which}, {what}, seed {args.seed}, model in {dtype}"
           f"{' (--precision auto)' if args.precision == 'auto' else ''}) in "
           f"{time.perf_counter() - started:.1f} s on {device}")
     return 0

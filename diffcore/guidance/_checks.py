@@ -5,7 +5,7 @@ own."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -14,7 +14,7 @@ from ..reference import formulas
 #: a guidance scale: one float for the whole batch, or a float tensor ``[B]`` (one per sample)
 Scale = Union[float, torch.Tensor]
 
-__all__ = ["Scale", "check_scale", "check_labels", "DeviceCache", "scale_like"]
+__all__ = ["Scale", "check_scale", "check_labels", "labels_of_call", "DeviceCache", "scale_like"]
 
 
 def check_scale(scale: Scale, name: str = "scale") -> Scale:
@@ -84,3 +84,18 @@ def scale_like(scale: Scale, cache: Optional[DeviceCache], like: torch.Tensor, n
         raise ValueError(f"{name}: expected {like.shape[0]} per-sample scales (one per sample of x), "
                          f"got {values.shape[0]}")
     return formulas.per_sample(values, like)
+
+
+def labels_of_call(y: Any, batch: int, name: str, *, high: Optional[int] = None, what: str = "") -> torch.Tensor:
+    """The labels a wrapper built with ``y=None`` takes per call from ``model_kwargs[name]``, checked: an int64
+    tensor ``[batch]``, with values in ``[0, high]`` checked when it lies on the CPU (reading an accelerator's
+    values would be a host-device sync at every step; the CLI checks its labels once, up front)."""
+    if y is None:
+        raise ValueError(f"model_kwargs: expected the labels as {name}= (an int64 tensor [{batch}]: the guidance "
+                         f"wrapper was built with y=None), got none")
+    if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.shape != (batch,):
+        got = f"{y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"model_kwargs[{name!r}]: expected int64 labels [{batch}] (one per sample of x), got {got}")
+    if y.device.type == "cpu":
+        check_labels(y, f"model_kwargs[{name!r}]", high=high, what=what)
+    return y

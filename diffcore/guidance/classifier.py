@@ -18,7 +18,7 @@ import torch
 from ..diffusion import model_output_tensor, split_model_output
 from ..reference import formulas
 from ..types import PredictionType, as_prediction_type
-from ._checks import DeviceCache, Scale, check_labels, check_scale, scale_like
+from ._checks import DeviceCache, Scale, check_labels, check_scale, labels_of_call, scale_like
 
 __all__ = ["ClassifierGuidance", "classifier_guidance", "classifier_log_prob_grad"]
 
@@ -55,12 +55,14 @@ def classifier_log_prob_grad(classifier: Classifier, x: torch.Tensor, t: torch.T
 class ClassifierGuidance:
     """A guided model with the samplers' signature ``guided(x, t, **model_kwargs) -> [B, C or 2C, ...]``.
 
-    Build it with :func:`classifier_guidance`. Attributes: ``model``, ``classifier``, ``y``, ``scale``,
-    ``alphas_cumprod``, ``prediction_type``.
+    Build it with :func:`classifier_guidance`. Attributes: ``model``, ``classifier``, ``y`` (int64 ``[B]``, or None:
+    the targets come with each call as ``model_kwargs[label_kwarg]``), ``scale``, ``alphas_cumprod``,
+    ``prediction_type``, ``label_kwarg``.
     """
 
-    def __init__(self, model: Any, classifier: Classifier, y: torch.Tensor, scale: Scale,
-                 alphas_cumprod: torch.Tensor, prediction_type: "PredictionType | str" = PredictionType.EPS):
+    def __init__(self, model: Any, classifier: Classifier, y: Optional[torch.Tensor], scale: Scale,
+                 alphas_cumprod: torch.Tensor, prediction_type: "PredictionType | str" = PredictionType.EPS,
+                 label_kwarg: str = "classifier_y"):
         for name, fn in (("model", model), ("classifier", classifier)):
             if not callable(fn):
                 raise TypeError(f"{name}: expected a callable, got {type(fn).__name__}")
@@ -74,38 +76,50 @@ class ClassifierGuidance:
         num_classes = getattr(classifier, "num_classes", None)
         high = num_classes - 1 if isinstance(num_classes, int) else None
         what = f" (the classifier has {num_classes} classes)" if high is not None else ""
-        self.y, self._y_max = check_labels(y, high=high, what=what)
+        self._high, self._what = high, what
+        self.label_kwarg = label_kwarg
+        self.y, self._y_max = (None, None) if y is None else check_labels(y, high=high, what=what)
         self.scale = check_scale(scale)
-        if isinstance(self.scale, torch.Tensor) and self.scale.shape != self.y.shape:
+        if isinstance(self.scale, torch.Tensor) and self.y is not None and self.scale.shape != self.y.shape:
             raise ValueError(f"scale: expected a float or one scale per label ({self.y.shape[0]}), got "
                              f"{self.scale.shape[0]} scales")
         self.alphas_cumprod = alphas_cumprod
         self.prediction_type = as_prediction_type(prediction_type)
-        self._labels = DeviceCache(self.y)
+        self._labels = DeviceCache(self.y) if self.y is not None else None
         self._abar = DeviceCache(alphas_cumprod)
         self._scale_cache = DeviceCache(self.scale) if isinstance(self.scale, torch.Tensor) else None
 
     def __repr__(self) -> str:
         scale = self.scale if not isinstance(self.scale, torch.Tensor) else f"tensor[{self.scale.numel()}]"
+        batch = "labels per call" if self.y is None else self.y.numel()
         return (f"ClassifierGuidance(model={type(self.model).__name__}, classifier="
-                f"{type(self.classifier).__name__}, batch={self.y.numel()}, scale={scale}, "
+                f"{type(self.classifier).__name__}, batch={batch}, scale={scale}, "
                 f"prediction={self.prediction_type.name.lower()})")
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
         """The guided output for x ``[B, C, ...]`` and original timesteps t int64 ``[B]``; ``model_kwargs`` go to
-        the model only. Returns the model's output ``[B, C or 2C, ...]`` with the prediction channels shifted
-        (variance channels unchanged), in the output's dtype, detached."""
+        the model only, except the targets ``model_kwargs[label_kwarg]`` (int64 ``[B]``) of a wrapper built with
+        ``y=None``, which go to the classifier only. Returns the model's output ``[B, C or 2C, ...]`` with the
+        prediction channels shifted (variance channels unchanged), in the output's dtype, detached."""
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
             raise TypeError(f"x: expected a tensor [B, ...], got {type(x).__name__}")
         batch = x.shape[0]
-        if self.y.shape[0] != batch:
-            raise ValueError(f"y: expected {batch} labels (one per sample of x), got {self.y.shape[0]}")
+        if self.y is None:
+            model_kwargs = dict(model_kwargs)
+            y = labels_of_call(model_kwargs.pop(self.label_kwarg, None), batch, self.label_kwarg, high=self._high,
+                               what=self._what).to(x.device)
+        else:
+            if self.label_kwarg in model_kwargs:
+                raise ValueError(f"model_kwargs: {self.label_kwarg!r} are the classifier's targets, set by the "
+                                 f"guidance wrapper (its y); do not pass them too (or build the wrapper with y=None)")
+            if self.y.shape[0] != batch:
+                raise ValueError(f"y: expected {batch} labels (one per sample of x), got {self.y.shape[0]}")
+            y = self._labels.get(x.device)
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.shape != (batch,):
             got = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise TypeError(f"t: expected int64 timesteps [{batch}], got {got}")
         out = model_output_tensor(self.model(x, t, **model_kwargs))
         prediction, variance = split_model_output(out, x)
-        y = self._labels.get(x.device)
         grad = classifier_log_prob_grad(self.classifier, x, t, y, y_max=self._y_max)
         dtype = prediction.dtype
         abar = formulas.per_sample(self._abar.get(x.device)[t].double(), prediction)  # float64 coefficients
@@ -122,9 +136,10 @@ class ClassifierGuidance:
         return guided if variance is None else torch.cat([guided, variance.detach()], dim=1)
 
 
-def classifier_guidance(model: Any, classifier: Classifier, y: torch.Tensor, scale: Scale,
+def classifier_guidance(model: Any, classifier: Classifier, y: Optional[torch.Tensor], scale: Scale,
                         alphas_cumprod: torch.Tensor, *,
-                        prediction_type: "PredictionType | str" = PredictionType.EPS) -> ClassifierGuidance:
+                        prediction_type: "PredictionType | str" = PredictionType.EPS,
+                        label_kwarg: str = "classifier_y") -> ClassifierGuidance:
     """Wrap a (conditional or unconditional) model for classifier-guided sampling.
 
     ``guided = classifier_guidance(model, classifier, y, 2.0, diffusion.alphas_cumprod)`` then
@@ -134,12 +149,17 @@ def classifier_guidance(model: Any, classifier: Classifier, y: torch.Tensor, sca
         model: ``model(x [B, C, ...], t int64 [B], **model_kwargs) -> [B, C or 2C, ...]``.
         classifier: ``classifier(x_t [B, C, ...], t int64 [B]) -> logits [B, K]``, differentiable in x_t, e.g. a
             :class:`~diffcore.guidance.NoisyClassifier` (whose ``num_classes`` is then checked against y).
-        y: int64 ``[B]`` target classes (B = the sampler's batch).
+        y: int64 ``[B]`` target classes (B = the sampler's batch); None: the targets come with each call as
+            ``model_kwargs[label_kwarg]`` (int64 ``[B]``, never passed to the model), e.g.
+            ``diffcore.sample(guided, n, model_kwargs={"classifier_y": targets [n]}, batch_size=k)``, which gives
+            every batch its rows of them (values checked per call when on the CPU).
         scale: s >= 0 (float, or a float tensor ``[B]``); s = 0 returns the model's output unchanged.
         alphas_cumprod: float64 ``[T]`` abar of the process whose timesteps the model and the classifier
             receive: the original (training) process, also when sampling on a respaced one.
         prediction_type: what the model's first C channels predict (``"eps" | "x0" | "v"``).
+        label_kwarg: the keyword of the per-call targets when ``y`` is None (default ``"classifier_y"``, apart from
+            a conditional model's own ``y``).
     Returns: a :class:`ClassifierGuidance` callable with the samplers' model signature. Each call evaluates the
         model once (without grad) and the classifier once forward and backward.
     """
-    return ClassifierGuidance(model, classifier, y, scale, alphas_cumprod, prediction_type)
+    return ClassifierGuidance(model, classifier, y, scale, alphas_cumprod, prediction_type, label_kwarg)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from ..diffusion import model_output_tensor, split_model_output
-from ._checks import DeviceCache, Scale, check_labels, check_scale, scale_like
+from ._checks import DeviceCache, Scale, check_labels, check_scale, labels_of_call, scale_like
 
 __all__ = ["ClassifierFreeGuidance", "classifier_free_guidance", "drop_labels"]
 
@@ -25,11 +25,13 @@ __all__ = ["ClassifierFreeGuidance", "classifier_free_guidance", "drop_labels"]
 class ClassifierFreeGuidance:
     """A guided model with the samplers' signature ``guided(x, t, **model_kwargs) -> [B, C or 2C, ...]``.
 
-    Build it with :func:`classifier_free_guidance`. Attributes: ``model``, ``y`` (int64 ``[B]``), ``scale``
-    (float, or float64 CPU tensor ``[B]``), ``null_class``, ``label_kwarg``.
+    Build it with :func:`classifier_free_guidance`. Attributes: ``model``, ``y`` (int64 ``[B]``, or None: the labels
+    come with each call as ``model_kwargs[label_kwarg]``), ``scale`` (float, or float64 CPU tensor ``[B]``),
+    ``null_class``, ``label_kwarg``.
     """
 
-    def __init__(self, model: Any, y: torch.Tensor, scale: Scale, null_class: int, label_kwarg: str = "y"):
+    def __init__(self, model: Any, y: Optional[torch.Tensor], scale: Scale, null_class: int,
+                 label_kwarg: str = "y"):
         if not callable(model):
             raise TypeError(f"model: expected a callable model(x, t, {label_kwarg}=labels), got "
                             f"{type(model).__name__}")
@@ -39,44 +41,55 @@ class ClassifierFreeGuidance:
         self.model = model
         self.null_class = null_class
         self.label_kwarg = label_kwarg
-        self.y, _ = check_labels(y, high=null_class, what=f" ({null_class} = the null class)")
+        self._what = f" ({null_class} = the null class)"
+        self.y = None if y is None else check_labels(y, high=null_class, what=self._what)[0]
         self.scale = check_scale(scale)
-        if isinstance(self.scale, torch.Tensor) and self.scale.shape != self.y.shape:
+        if isinstance(self.scale, torch.Tensor) and self.y is not None and self.scale.shape != self.y.shape:
             raise ValueError(f"scale: expected a float or one scale per label ({self.y.shape[0]}), got "
                              f"{self.scale.shape[0]} scales")
         self._scale_cache = DeviceCache(self.scale) if isinstance(self.scale, torch.Tensor) else None
         #: scale 1 everywhere: the guided model is the conditional model, so one unbatched pass suffices
         self.conditional_only = (not isinstance(self.scale, torch.Tensor)) and self.scale == 1.0
-        self._labels = DeviceCache(self.y)
-        self._both = DeviceCache(torch.cat([self.y, torch.full_like(self.y, null_class)]))
+        if self.y is not None:
+            self._labels = DeviceCache(self.y)
+            self._both = DeviceCache(torch.cat([self.y, torch.full_like(self.y, null_class)]))
 
     def __repr__(self) -> str:
         scale = self.scale if not isinstance(self.scale, torch.Tensor) else f"tensor[{self.scale.numel()}]"
-        return (f"ClassifierFreeGuidance(model={type(self.model).__name__}, batch={self.y.numel()}, "
+        batch = "labels per call" if self.y is None else self.y.numel()
+        return (f"ClassifierFreeGuidance(model={type(self.model).__name__}, batch={batch}, "
                 f"scale={scale}, null_class={self.null_class})")
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
         """The guided output for x ``[B, C, ...]`` and t ``[B]`` (timesteps as the model takes them).
 
-        Other ``model_kwargs`` are passed on; a tensor among them whose first dimension is B is repeated for the
+        Built with ``y=None``, the wrapper takes this call's labels, int64 ``[B]``, from
+        ``model_kwargs[label_kwarg]`` (so :func:`diffcore.sample` cuts them into its batches). Other
+        ``model_kwargs`` are passed on; a tensor among them whose first dimension is B is repeated for the
         two halves (per-sample conditioning such as a low-resolution image), anything else is passed as is.
         Returns ``[B, C, ...]`` or ``[B, 2C, ...]`` like the model's output, in its dtype.
         """
-        if self.label_kwarg in model_kwargs:
-            raise ValueError(f"model_kwargs: {self.label_kwarg!r} is set by the guidance wrapper (its labels y); "
-                             f"do not pass it to the sampler too")
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
             raise TypeError(f"x: expected a tensor [B, ...], got {type(x).__name__}")
         batch = x.shape[0]
-        if self.y.shape[0] != batch:
-            raise ValueError(f"y: expected {batch} labels (one per sample of x), got {self.y.shape[0]}")
+        if self.y is None:
+            model_kwargs = dict(model_kwargs)
+            y = labels_of_call(model_kwargs.pop(self.label_kwarg, None), batch, self.label_kwarg,
+                               high=self.null_class, what=self._what).to(x.device)
+            both = torch.cat([y, torch.full_like(y, self.null_class)])
+        else:
+            if self.label_kwarg in model_kwargs:
+                raise ValueError(f"model_kwargs: {self.label_kwarg!r} is set by the guidance wrapper (its labels "
+                                 f"y); do not pass it to the sampler too (or build the wrapper with y=None)")
+            if self.y.shape[0] != batch:
+                raise ValueError(f"y: expected {batch} labels (one per sample of x), got {self.y.shape[0]}")
+            y, both = self._labels.get(x.device), self._both.get(x.device)
         if self.conditional_only:
-            return model_output_tensor(self.model(x, t, **{self.label_kwarg: self._labels.get(x.device)},
-                                                  **model_kwargs))
+            return model_output_tensor(self.model(x, t, **{self.label_kwarg: y}, **model_kwargs))
         doubled = {key: torch.cat([value, value]) if _per_sample(value, batch) else value
                    for key, value in model_kwargs.items()}
         out = model_output_tensor(self.model(torch.cat([x, x]), torch.cat([t, t]),
-                                             **{self.label_kwarg: self._both.get(x.device)}, **doubled))
+                                             **{self.label_kwarg: both}, **doubled))
         if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != 2 * batch:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"model output: expected a tensor with batch {2 * batch} (conditional and "
@@ -93,7 +106,7 @@ def _per_sample(value: Any, batch: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch
 
 
-def classifier_free_guidance(model: Any, y: torch.Tensor, scale: Scale,
+def classifier_free_guidance(model: Any, y: Optional[torch.Tensor], scale: Scale,
                              null_class: Optional[int] = None, *, label_kwarg: str = "y") -> ClassifierFreeGuidance:
     """Wrap a class-conditional model for classifier-free guided sampling.
 
@@ -105,7 +118,10 @@ def classifier_free_guidance(model: Any, y: torch.Tensor, scale: Scale,
         model: ``model(x [2B, C, ...], t [2B], y=labels int64 [2B], **kwargs) -> [2B, C or 2C, ...]``, e.g. a
             :class:`diffcore.unet.UNet` built with ``num_classes=K``.
         y: int64 ``[B]`` target labels in ``[0, null_class]`` (``null_class`` itself makes that sample
-            unconditional); B must be the sampler's batch.
+            unconditional); B must be the sampler's batch. None: the labels come with each call as
+            ``model_kwargs[label_kwarg]`` (int64 ``[B]``), e.g. ``diffcore.sample(guided, n, model_kwargs={"y":
+            labels [n]}, batch_size=k)``, which gives every batch its rows of them (values checked per call when
+            on the CPU).
         scale: the guidance scale s >= 0 (float, or a float tensor ``[B]`` for one scale per sample):
             eps~ = eps_uncond + s (eps_cond - eps_uncond). s = 1 (as a float) calls the model once on the
             conditional batch only; any other scale makes one pass on the doubled batch.

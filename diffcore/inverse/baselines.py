@@ -42,23 +42,26 @@ def naive_inpaint_sample(model: Model, diffusion: GaussianDiffusion, operator: M
                          clip_denoised: bool = False, model_kwargs: Optional[dict[str, Any]] = None,
                          seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
                          progress: bool = True, callback: Optional[StepCallback] = None,
-                         impl: Impl = "auto") -> torch.Tensor:
+                         impl: Impl = "auto", first_row: int = 0) -> torch.Tensor:
     """Inpainting by replacement: x_{i-1} = m * q(y at index i-1) + (1 - m) * step(x_i).
 
     Args as in :func:`diffcore.inverse.dps_sample` (``model``, ``diffusion``, sampler settings, seeding; the
     step is the samplers' reverse step); the operator must be a :class:`MaskOperator` (inpaint-box,
     inpaint-random, outpaint) and y its measurement ``[B, C, H, W]`` (observed pixels, anything elsewhere).
     Noise: x_T at Philox offset 0 and step k at offset k + 1 of the seed, as in every sampler; the replacement
-    noise of step k at offset 1 + S + k (S steps). ``callback(step, t, x, pred_x0)`` sees x after the replacement;
-    returning True stops the loop.
+    noise of step k at offset 1 + S + k (S steps); row b draws image ``first_row + b``'s noise of the seed, so a set
+    split into batches (each with ``first_row`` = its first row's index in the set) gives the rows of one call on
+    the whole set (checked as in :func:`~diffcore.inverse.dps_sample`). ``callback(step, t, x, pred_x0)`` sees x
+    after the replacement; returning True stops the loop.
     Returns the samples ``[B, C, H, W]``, equal to y on the observed pixels.
     """
     if not isinstance(operator, MaskOperator):
         raise TypeError(f"operator: the naive baseline needs a MaskOperator (inpainting/outpainting), "
                         f"got {type(operator).__name__}")
     diffusion, x, seed = start_from_measurement(diffusion, operator, y, x_T, steps=steps, skip_type=skip_type,
-                                                seed=seed, generator=generator)
-    step = reverse_step(diffusion, sampler, eta=eta, clip_denoised=clip_denoised, seed=seed, impl=impl)
+                                                seed=seed, generator=generator, first_row=first_row)
+    step = reverse_step(diffusion, sampler, eta=eta, clip_denoised=clip_denoised, seed=seed, impl=impl,
+                        first_row=first_row)
     mask = operator.mask.to(device=y.device, dtype=y.dtype)
     known = y * mask
     batch, num_steps = y.shape[0], diffusion.num_timesteps
@@ -69,7 +72,7 @@ def naive_inpaint_sample(model: Model, diffusion: GaussianDiffusion, operator: M
         out = diffusion.call_model(model, x, rows[k], model_kwargs)
         x, pred_x0 = step(x, out, rows[k], prev_rows[k], k)
         if k < num_steps - 1:
-            noise = philox_normal_like(x, seed, 1 + num_steps + k)
+            noise = philox_normal_like(x, seed, 1 + num_steps + k, first_row)
             target = ops.q_sample(known, noise, prev_rows[k], diffusion.alphas_cumprod, impl=impl,
                                   check_values=False)
         else:

@@ -23,8 +23,12 @@ nothing is read back to the host inside the loop (the per-step residual norms ar
 
 The process is a :class:`~diffcore.diffusion.GaussianDiffusion` as for every sampler: pass the respaced one
 (``diffusion.respaced(250)``) or ``steps=``. Noise follows the samplers' convention (Philox keyed by one seed:
-x_T at offset 0, step k at offset k + 1), so DPS with zeta = 0 reproduces ``ddpm_sample`` / ``ddim_sample`` of
-the same process and seed exactly, and image b of a batch gets the same noise whatever the batch size.
+x_T at offset 0, step k at offset k + 1; row b is image ``first_row + b`` of the seed), so DPS with zeta = 0
+reproduces ``ddpm_sample`` / ``ddim_sample`` of the same process and seed exactly. Since the guidance of image b
+depends only on image b (step 3) and its noise only on (seed, first_row + b), a set of measurements split into
+batches, each run with ``first_row`` = the index of its first row in the set, gives the restorations of the whole
+set in one call up to float rounding of the model's batched arithmetic, which DPS can amplify (measured in
+:mod:`diffcore.pipelines.restore`, whose ``restore`` splits a set this way with ``batch_size``).
 """
 from __future__ import annotations
 
@@ -69,12 +73,13 @@ def image_shape_for(operator: Operator, y: torch.Tensor, x_T: Optional[torch.Ten
 
 def start_from_measurement(diffusion: GaussianDiffusion, operator: Operator, y: torch.Tensor,
                            x_T: Optional[torch.Tensor], *, steps: Optional[StepsSpec], skip_type: SkipType,
-                           seed: Optional[int], generator: Optional[torch.Generator]
+                           seed: Optional[int], generator: Optional[torch.Generator], first_row: int = 0
                            ) -> tuple[GaussianDiffusion, torch.Tensor, int]:
     """The setup of a loop that samples images for measurements ``y`` ``[B, ...]`` (checked once, before it).
 
     Returns (the process, respaced by ``steps`` when given and on y's device; x_T ``[B, C, H, W]`` in y's dtype,
-    given or Philox noise of the seed at offset 0; the seed, given or drawn from ``generator``).
+    given or Philox noise of the seed at offset 0, row b drawn as image ``first_row + b`` of the seed; the seed,
+    given or drawn from ``generator``). ``first_row`` is checked against B (an int, ``0 <= first_row <= 2**32 - B``).
     """
     if not isinstance(diffusion, GaussianDiffusion):
         raise TypeError(f"diffusion: expected a GaussianDiffusion (respaced for fewer steps), got "
@@ -96,7 +101,7 @@ def start_from_measurement(diffusion: GaussianDiffusion, operator: Operator, y: 
     if steps is not None:
         diffusion = diffusion.respaced(steps, skip_type)
     return prepare(diffusion, None if x_T is not None else shape, x_T, dtype=y.dtype, device=y.device, seed=seed,
-                   generator=generator, needs_noise=True)
+                   generator=generator, needs_noise=True, first_row=first_row)
 
 
 def dps_sample(model: Model, diffusion: GaussianDiffusion, operator: Operator, y: torch.Tensor, *,
@@ -105,7 +110,7 @@ def dps_sample(model: Model, diffusion: GaussianDiffusion, operator: Operator, y
                x_T: Optional[torch.Tensor] = None, clip_denoised: bool = False,
                model_kwargs: Optional[dict[str, Any]] = None, seed: Optional[int] = None,
                generator: Optional[torch.Generator] = None, progress: bool = True,
-               callback: Optional[StepCallback] = None, impl: Impl = "auto") -> DPSResult:
+               callback: Optional[StepCallback] = None, impl: Impl = "auto", first_row: int = 0) -> DPSResult:
     """Sample x ~ p(x | y) approximately by DPS, for measurements ``y = A(x) + noise``.
 
     Args:
@@ -128,13 +133,18 @@ def dps_sample(model: Model, diffusion: GaussianDiffusion, operator: Operator, y
         progress: show a tqdm bar. callback: ``callback(step, t, x, pred_x0)`` after each step
             (t: the model's timestep); returning True stops the loop (``residual_norms`` then has the steps taken).
         impl: ``"auto" | "fused" | "reference"`` for the step ops.
+        first_row: the index of y's first row in a larger set split into batches (an int >= 0 with
+            ``first_row + B <= 2**32``): row b draws the noise (x_T and every step's) of image ``first_row + b`` of
+            the seed, so the rows r .. r + k - 1 of a call on the whole set equal a call on those rows with
+            ``first_row=r`` (the images of a batch do not interact: each has its own residual norm).
     Returns: :class:`DPSResult` (sample in y's dtype).
     """
     if isinstance(zeta, bool) or not isinstance(zeta, (int, float)) or not 0.0 <= zeta < float("inf"):
         raise ValueError(f"zeta: expected a finite guidance scale >= 0, got {zeta!r}")
     diffusion, x, seed = start_from_measurement(diffusion, operator, y, x_T, steps=steps, skip_type=skip_type,
-                                                seed=seed, generator=generator)
-    step = reverse_step(diffusion, sampler, eta=eta, clip_denoised=clip_denoised, seed=seed, impl=impl)
+                                                seed=seed, generator=generator, first_row=first_row)
+    step = reverse_step(diffusion, sampler, eta=eta, clip_denoised=clip_denoised, seed=seed, impl=impl,
+                        first_row=first_row)
     norm_of = noise_model.residual_norm if noise_model is not None else residual_norm
     batch, channels, num_steps = x.shape[0], x.shape[1], diffusion.num_timesteps
     rows = timestep_rows(range(num_steps - 1, -1, -1), batch, x.device)

@@ -20,6 +20,7 @@ import torch
 from ..diffusion import GaussianDiffusion, Model
 from ..ops import Impl
 from ..pretrained import load_default
+from ..reference.philox import MAX_IMAGES
 from ..respace import SkipType
 from ..samplers import SamplerChoice, Spacing, check_sampler, default_sampler, run_sampler
 from ..schedules import make_schedule
@@ -49,6 +50,17 @@ def _infer_image_shape(model: Any) -> Optional[tuple[int, ...]]:
     return None
 
 
+def _check_first_image(first_image: int, n: int) -> int:
+    """``first_image`` checked: an int (not a bool) >= 0 with ``first_image + n <= 2**32``."""
+    if isinstance(first_image, bool) or not isinstance(first_image, int):
+        raise TypeError(f"first_image: expected an int >= 0 (the seed's index of the first image), got "
+                        f"{type(first_image).__name__} {first_image!r}")
+    if not 0 <= first_image <= MAX_IMAGES - n:
+        raise ValueError(f"first_image: expected an int in [0, 2**32 - n] with n = {n} (a seed numbers 2**32 "
+                         f"images), got {first_image}")
+    return first_image
+
+
 @torch.no_grad()
 def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps: Optional[int] = None,
            eta: Optional[float] = None, seed: Optional[int] = None, device: "torch.device | str | None" = None,
@@ -58,8 +70,9 @@ def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps:
            model_kwargs: Optional[dict] = None, generator: Optional[torch.Generator] = None,
            skip_type: Optional[SkipType] = None,
            impl: Impl = "auto", precision: Precision = SAMPLE_PRECISION, compile: bool = False,
-           batch_size: Optional[int] = None) -> torch.Tensor:
-    """Generate ``n`` images; returns float32 ``[n, C, H, W]`` in [-1, 1] on ``device``.
+           batch_size: Optional[int] = None, first_image: int = 0) -> torch.Tensor:
+    """Generate ``n`` images (images ``first_image .. first_image + n - 1`` of the seed); returns float32
+    ``[n, C, H, W]`` in [-1, 1] on ``device``.
 
     Args:
         model: ``model(x [B, C, H, W], t int64 [B], **model_kwargs)``; None loads the packaged default model
@@ -104,6 +117,11 @@ def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps:
             for every batch size up to float rounding of the model's batched arithmetic: the batch of rows
             r .. r + k - 1 runs with ``first_row=r``, so image b draws the noise (x_T and every step's) of image
             b of the seed whatever batch it runs in.
+        first_image: the seed's index of the first image (default 0): row i is image ``first_image + i``, the
+            image that row ``first_image + i`` of one call with ``n' = first_image + n`` gives, so a large set can
+            be generated in shards (calls, processes or machines) that together make exactly the images of one
+            run. An int >= 0 with ``first_image + n <= 2**32`` (a seed numbers 2**32 images). ``model_kwargs``
+            tensors of length n belong to this call's n images (e.g. the shard's labels).
     """
     if model is None:
         packaged = load_default(device=device)
@@ -114,6 +132,7 @@ def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps:
         raise TypeError(f"model: expected a callable model(x, t, **kwargs), got {type(model).__name__}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    first_image = _check_first_image(first_image, n)
     if image_shape is None:
         image_shape = _infer_image_shape(model)
         if image_shape is None:
@@ -145,7 +164,7 @@ def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps:
                   callback=callback, progress=progress, device=device, impl=impl)
     with eval_mode(model), precision_context(dtype, device):
         batches = [run_sampler(sampler, runner, diffusion, (rows.stop - rows.start, *shape[1:]),
-                               model_kwargs=slice_rows(model_kwargs, rows, n), first_row=rows.start,
+                               model_kwargs=slice_rows(model_kwargs, rows, n), first_row=first_image + rows.start,
                                **common).sample
                    for rows in batch_slices(n, chunk)]
     images = batches[0] if len(batches) == 1 else torch.cat(batches)
