@@ -398,13 +398,16 @@ def test_in_kernel_noise_is_reproducible_and_matches_reference():
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("impl", ["fused", "reference"])
-def test_bad_inputs_give_clear_errors(impl):
+def bad_input_case(impl):
+    """(table, x [4, 3, 4, 4], t [4]) for the bad-input tests of ``impl``; skips when the fused ops are not built."""
     if impl == "fused" and not ops.fused_available("cpu"):
         pytest.skip("diffcore._C is not built")
-    table = make_table()
-    x = torch.randn(4, 3, 4, 4)
-    t = timesteps(4)
+    return make_table(), torch.randn(4, 3, 4, 4), timesteps(4)
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_bad_inputs_give_clear_errors(impl):
+    table, x, t = bad_input_case(impl)
     cases = [
         (lambda: ops.q_sample(x, torch.randn(4, 3, 4, 5), t, table, impl=impl), "noise: expected shape"),
         (lambda: ops.q_sample(x, x, t[:3], table, impl=impl), "t: expected shape (4,)"),
@@ -464,11 +467,7 @@ def test_which_impl_and_build_info():
 @pytest.mark.parametrize("impl", ["fused", "reference"])
 def test_argument_errors_name_the_argument(impl):
     """Issue 12 item 11: Python-level arguments get the same clear errors as tensors (name, expected, got)."""
-    if impl == "fused" and not ops.fused_available("cpu"):
-        pytest.skip("diffcore._C is not built")
-    table = make_table()
-    x = torch.randn(4, 3, 4, 4)
-    t = timesteps(4)
+    table, x, t = bad_input_case(impl)
     cases = [
         (lambda: ops.ddim_step(x, x, t, t - 1, table, "0.5", impl=impl), TypeError, "eta: expected a float >= 0"),
         (lambda: ops.ddim_step(x, x, t, t - 1, table, float("nan"), impl=impl), ValueError, "eta: expected"),

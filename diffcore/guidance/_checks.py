@@ -14,7 +14,7 @@ from ..reference import formulas
 #: a guidance scale: one float for the whole batch, or a float tensor ``[B]`` (one per sample)
 Scale = Union[float, torch.Tensor]
 
-__all__ = ["Scale", "check_scale", "check_labels", "labels_of_call", "DeviceCache", "scale_like"]
+__all__ = ["Scale", "check_scale", "check_labels", "labels_of_call", "take_labels", "DeviceCache", "scale_like"]
 
 
 def check_scale(scale: Scale, name: str = "scale") -> Scale:
@@ -99,3 +99,23 @@ def labels_of_call(y: Any, batch: int, name: str, *, high: Optional[int] = None,
     if y.device.type == "cpu":
         check_labels(y, f"model_kwargs[{name!r}]", high=high, what=what)
     return y
+
+
+def take_labels(held: Optional[torch.Tensor], cache: Optional[DeviceCache], model_kwargs: dict, batch: int,
+                name: str, device: torch.device, *, role: str, high: Optional[int] = None,
+                what: str = "") -> tuple[torch.Tensor, dict]:
+    """The labels of one call of a guidance wrapper, on ``device``, and the model_kwargs left for the model.
+
+    A wrapper built with labels (``held``, int64 ``[B]``, copies in ``cache``) uses them and refuses
+    ``model_kwargs[name]`` (``role`` says what they are, for the message); one built with ``held=None`` takes them
+    from ``model_kwargs[name]`` (:func:`labels_of_call`), removed from the returned kwargs.
+    """
+    if held is None:
+        rest = dict(model_kwargs)
+        return labels_of_call(rest.pop(name, None), batch, name, high=high, what=what).to(device), rest
+    if name in model_kwargs:
+        raise ValueError(f"model_kwargs: {name!r} {role}; do not pass it to the sampler too (or build the wrapper "
+                         f"with y=None)")
+    if held.shape[0] != batch:
+        raise ValueError(f"y: expected {batch} labels (one per sample of x), got {held.shape[0]}")
+    return cache.get(device), model_kwargs

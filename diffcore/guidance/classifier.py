@@ -18,7 +18,7 @@ import torch
 from ..diffusion import model_output_tensor, split_model_output
 from ..reference import formulas
 from ..types import PredictionType, as_prediction_type
-from ._checks import DeviceCache, Scale, check_labels, check_scale, labels_of_call, scale_like
+from ._checks import DeviceCache, Scale, check_labels, check_scale, scale_like, take_labels
 
 __all__ = ["ClassifierGuidance", "classifier_guidance", "classifier_log_prob_grad"]
 
@@ -104,17 +104,9 @@ class ClassifierGuidance:
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
             raise TypeError(f"x: expected a tensor [B, ...], got {type(x).__name__}")
         batch = x.shape[0]
-        if self.y is None:
-            model_kwargs = dict(model_kwargs)
-            y = labels_of_call(model_kwargs.pop(self.label_kwarg, None), batch, self.label_kwarg, high=self._high,
-                               what=self._what).to(x.device)
-        else:
-            if self.label_kwarg in model_kwargs:
-                raise ValueError(f"model_kwargs: {self.label_kwarg!r} are the classifier's targets, set by the "
-                                 f"guidance wrapper (its y); do not pass them too (or build the wrapper with y=None)")
-            if self.y.shape[0] != batch:
-                raise ValueError(f"y: expected {batch} labels (one per sample of x), got {self.y.shape[0]}")
-            y = self._labels.get(x.device)
+        y, model_kwargs = take_labels(self.y, self._labels, model_kwargs, batch,
+                                      self.label_kwarg, x.device, high=self._high, what=self._what,
+                                      role="are the classifier's targets, set by the guidance wrapper (its y)")
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.shape != (batch,):
             got = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise TypeError(f"t: expected int64 timesteps [{batch}], got {got}")

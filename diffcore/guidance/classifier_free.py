@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from ..diffusion import model_output_tensor, split_model_output
-from ._checks import DeviceCache, Scale, check_labels, check_scale, labels_of_call, scale_like
+from ._checks import DeviceCache, Scale, check_labels, check_scale, scale_like, take_labels
 
 __all__ = ["ClassifierFreeGuidance", "classifier_free_guidance", "drop_labels"]
 
@@ -50,9 +50,9 @@ class ClassifierFreeGuidance:
         self._scale_cache = DeviceCache(self.scale) if isinstance(self.scale, torch.Tensor) else None
         #: scale 1 everywhere: the guided model is the conditional model, so one unbatched pass suffices
         self.conditional_only = (not isinstance(self.scale, torch.Tensor)) and self.scale == 1.0
-        if self.y is not None:
-            self._labels = DeviceCache(self.y)
-            self._both = DeviceCache(torch.cat([self.y, torch.full_like(self.y, null_class)]))
+        self._labels = DeviceCache(self.y) if self.y is not None else None
+        self._both = DeviceCache(torch.cat([self.y, torch.full_like(self.y, null_class)])) if self.y is not None \
+            else None
 
     def __repr__(self) -> str:
         scale = self.scale if not isinstance(self.scale, torch.Tensor) else f"tensor[{self.scale.numel()}]"
@@ -72,20 +72,12 @@ class ClassifierFreeGuidance:
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
             raise TypeError(f"x: expected a tensor [B, ...], got {type(x).__name__}")
         batch = x.shape[0]
-        if self.y is None:
-            model_kwargs = dict(model_kwargs)
-            y = labels_of_call(model_kwargs.pop(self.label_kwarg, None), batch, self.label_kwarg,
-                               high=self.null_class, what=self._what).to(x.device)
-            both = torch.cat([y, torch.full_like(y, self.null_class)])
-        else:
-            if self.label_kwarg in model_kwargs:
-                raise ValueError(f"model_kwargs: {self.label_kwarg!r} is set by the guidance wrapper (its labels "
-                                 f"y); do not pass it to the sampler too (or build the wrapper with y=None)")
-            if self.y.shape[0] != batch:
-                raise ValueError(f"y: expected {batch} labels (one per sample of x), got {self.y.shape[0]}")
-            y, both = self._labels.get(x.device), self._both.get(x.device)
+        y, model_kwargs = take_labels(self.y, self._labels, model_kwargs, batch,
+                                      self.label_kwarg, x.device, high=self.null_class, what=self._what,
+                                      role="is set by the guidance wrapper (its labels y)")
         if self.conditional_only:
             return model_output_tensor(self.model(x, t, **{self.label_kwarg: y}, **model_kwargs))
+        both = torch.cat([y, torch.full_like(y, self.null_class)]) if self.y is None else self._both.get(x.device)
         doubled = {key: torch.cat([value, value]) if _per_sample(value, batch) else value
                    for key, value in model_kwargs.items()}
         out = model_output_tensor(self.model(torch.cat([x, x]), torch.cat([t, t]),
