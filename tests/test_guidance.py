@@ -434,3 +434,19 @@ def test_bad_inputs_give_clear_errors(mixture):
     with pytest.raises(ValueError, match="config: expected num_classes"):
         NoisyClassifier(UNetConfig(in_channels=1, model_channels=8, channel_mult=(1,), attention_resolutions=(),
                                    image_size=4, norm_groups=4))
+
+
+def test_a_classifier_without_a_gradient_in_x_is_an_error():
+    """A classifier whose logits do not depend on x_t (detached, or constant) would make guidance a silent no-op."""
+    from diffcore.guidance import classifier_log_prob_grad
+
+    x, t, y = torch.randn(3, 1, 4, 4), torch.tensor([1, 2, 3]), torch.tensor([0, 1, 0])
+    for classifier in (lambda x, t: torch.zeros(x.shape[0], 2),
+                       lambda x, t: x.detach().flatten(1)[:, :2]):
+        with pytest.raises(ValueError, match="classifier: no gradient of its log-probabilities reaches x_t"):
+            classifier_log_prob_grad(classifier, x, t, y)
+    grad = classifier_log_prob_grad(lambda x, t: x.flatten(1)[:, :2], x, t, y)
+    expected = torch.zeros_like(x).flatten(1)
+    p = torch.softmax(x.flatten(1)[:, :2], dim=1)  # d/dz log softmax(z)[y] = onehot(y) - softmax(z)
+    expected[:, :2] = torch.nn.functional.one_hot(y, 2).float() - p
+    torch.testing.assert_close(grad, expected.view_as(x))

@@ -34,6 +34,8 @@ def classifier_log_prob_grad(classifier: Classifier, x: torch.Tensor, t: torch.T
     as long as the classifier treats samples independently (GroupNorm, not BatchNorm in training mode).
     Runs with grad enabled even inside ``torch.no_grad`` (the samplers' context); y int64 ``[B]`` on x's device.
     ``y_max``: the largest label, known on the host, checked against the number of logits K (no device sync).
+    Raises ValueError when no gradient reaches x (a classifier that ignores or detaches its input would otherwise
+    make guidance a silent no-op).
     """
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
@@ -46,10 +48,14 @@ def classifier_log_prob_grad(classifier: Classifier, x: torch.Tensor, t: torch.T
                              f"{logits.shape[1]} classes), got a label {y_max}")
         log_probs = torch.log_softmax(logits, dim=1)
         selected = log_probs.gather(1, y[:, None]).sum()
-        if not selected.requires_grad:
-            return torch.zeros_like(x)
-        (grad,) = torch.autograd.grad(selected, x_in, allow_unused=True)
-    return torch.zeros_like(x) if grad is None else grad.detach().to(x.dtype)
+        grad = None
+        if selected.requires_grad:
+            (grad,) = torch.autograd.grad(selected, x_in, allow_unused=True)
+    if grad is None:  # guidance would silently do nothing
+        raise ValueError("classifier: no gradient of its log-probabilities reaches x_t (the logits do not depend on "
+                         "x, or the classifier detaches them / runs under torch.inference_mode); classifier "
+                         "guidance needs a classifier differentiable in its input")
+    return grad.detach().to(x.dtype)
 
 
 class ClassifierGuidance:
