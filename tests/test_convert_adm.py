@@ -27,7 +27,8 @@ def adm_layout(flags: dict) -> dict[str, tuple[int, ...]]:
     """Names and shapes of guided-diffusion's UNetModel state dict for the flags (improved-diffusion's is the
     same without resblock_updown / num_head_channels), following unet.py's constructor."""
     size, ch0, nrb = flags["image_size"], flags["num_channels"], flags["num_res_blocks"]
-    mult = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}[size]
+    mult = (tuple(int(m) for m in flags["channel_mult"].split(",")) if flags.get("channel_mult") else
+            {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}[size])
     ds_attn = {size // int(r) for r in str(flags.get("attention_resolutions", "16,8")).split(",")}
     out_ch = 6 if flags.get("learn_sigma") else 3
     emb = 4 * ch0
@@ -52,7 +53,7 @@ def adm_layout(flags: dict) -> dict[str, tuple[int, ...]]:
     shapes.update({"time_embed.0.weight": (emb, ch0), "time_embed.0.bias": (emb,), "time_embed.2.weight": (emb, emb),
                    "time_embed.2.bias": (emb,)})
     if flags.get("class_cond"):
-        shapes["label_emb.weight"] = (1000, emb)
+        shapes["label_emb.weight"] = (flags.get("num_classes", 1000), emb)
     shapes.update({"input_blocks.0.0.weight": (ch0, 3, 3, 3), "input_blocks.0.0.bias": (ch0,)})
     chans, ch, ds, i = [ch0], ch0, 1, 1
     for level, m in enumerate(mult):
@@ -125,9 +126,13 @@ def adm_group_norm(x, w, b):
     return F.group_norm(x.float(), 32, w, b, 1e-5)
 
 
-def adm_resblock(sd, p, x, emb, scale_shift):
-    h = F.conv2d(F.silu(adm_group_norm(x, sd[f"{p}.in_layers.0.weight"], sd[f"{p}.in_layers.0.bias"])),
-                 sd[f"{p}.in_layers.2.weight"], sd[f"{p}.in_layers.2.bias"], padding=1)
+def adm_resblock(sd, p, x, emb, scale_shift, resample=None):
+    h = F.silu(adm_group_norm(x, sd[f"{p}.in_layers.0.weight"], sd[f"{p}.in_layers.0.bias"]))
+    if resample is not None:  # ADM's ResBlock(up=True / down=True): resample h and x between in_rest and in_conv
+        upd = (lambda z: F.interpolate(z, scale_factor=2, mode="nearest")) if resample == "up" else \
+            (lambda z: F.avg_pool2d(z, kernel_size=2, stride=2))
+        h, x = upd(h), upd(x)
+    h = F.conv2d(h, sd[f"{p}.in_layers.2.weight"], sd[f"{p}.in_layers.2.bias"], padding=1)
     e = F.linear(F.silu(emb), sd[f"{p}.emb_layers.1.weight"], sd[f"{p}.emb_layers.1.bias"])[:, :, None, None]
     if scale_shift:
         scale, shift = e.chunk(2, dim=1)
@@ -156,6 +161,93 @@ def adm_attention(sd, p, x, heads, legacy):
     a = torch.einsum("bts,bcs->bct", w, v).reshape(b, -1, length)
     h = F.conv1d(a, sd[f"{p}.proj_out.weight"], sd[f"{p}.proj_out.bias"])
     return (xs + h).reshape(b, c, hh, ww)
+
+
+def adm_forward(sd, flags, x, t, y=None):
+    """guided-diffusion's UNetModel.forward over the raw ADM tensors, following unet.py's constructor."""
+    size, ch0, nrb = flags["image_size"], flags["num_channels"], flags["num_res_blocks"]
+    mult = tuple(int(m) for m in flags["channel_mult"].split(","))
+    ds_attn = {size // int(r) for r in str(flags["attention_resolutions"]).split(",")}
+    ss, updown = flags.get("use_scale_shift_norm", True), flags.get("resblock_updown", False)
+    legacy = not flags.get("use_new_attention_order", False)
+    head_ch, heads, heads_up = (flags.get("num_head_channels", -1), flags.get("num_heads", 4),
+                                flags.get("num_heads_upsample", -1))
+
+    def n_heads(c, up):
+        return c // head_ch if head_ch != -1 else (heads_up if up and heads_up != -1 else heads)
+
+    half = ch0 // 2
+    args = t[:, None].float() * torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)[None]
+    emb = F.linear(F.silu(F.linear(torch.cat([torch.cos(args), torch.sin(args)], -1), sd["time_embed.0.weight"],
+                                   sd["time_embed.0.bias"])), sd["time_embed.2.weight"], sd["time_embed.2.bias"])
+    if y is not None:
+        emb = emb + sd["label_emb.weight"][y]
+    h = F.conv2d(x, sd["input_blocks.0.0.weight"], sd["input_blocks.0.0.bias"], padding=1)
+    hs, ds, i = [h], 1, 1
+    for level, m in enumerate(mult):
+        for _ in range(nrb):
+            h = adm_resblock(sd, f"input_blocks.{i}.0", h, emb, ss)
+            if ds in ds_attn:
+                h = adm_attention(sd, f"input_blocks.{i}.1", h, n_heads(h.shape[1], False), legacy)
+            hs.append(h)
+            i += 1
+        if level != len(mult) - 1:
+            p = f"input_blocks.{i}.0"
+            h = adm_resblock(sd, p, h, emb, ss, "down") if updown else \
+                F.conv2d(h, sd[f"{p}.op.weight"], sd[f"{p}.op.bias"], stride=2, padding=1)
+            hs.append(h)
+            ds, i = ds * 2, i + 1
+    h = adm_resblock(sd, "middle_block.0", h, emb, ss)
+    h = adm_attention(sd, "middle_block.1", h, n_heads(h.shape[1], False), legacy)
+    h = adm_resblock(sd, "middle_block.2", h, emb, ss)
+    o = 0
+    for level, m in list(enumerate(mult))[::-1]:
+        for j in range(nrb + 1):
+            h = adm_resblock(sd, f"output_blocks.{o}.0", torch.cat([h, hs.pop()], 1), emb, ss)
+            k = 1
+            if ds in ds_attn:
+                h = adm_attention(sd, f"output_blocks.{o}.1", h, n_heads(h.shape[1], True), legacy)
+                k = 2
+            if level and j == nrb:
+                p = f"output_blocks.{o}.{k}"
+                h = adm_resblock(sd, p, h, emb, ss, "up") if updown else \
+                    F.conv2d(F.interpolate(h, scale_factor=2, mode="nearest"), sd[f"{p}.conv.weight"],
+                             sd[f"{p}.conv.bias"], padding=1)
+                ds //= 2
+            o += 1
+    h = F.silu(adm_group_norm(h, sd["out.0.weight"], sd["out.0.bias"]))
+    return F.conv2d(h, sd["out.2.weight"], sd["out.2.bias"], padding=1)
+
+
+WHOLE_MODELS = {
+    # sizes and channel_mult outside the presets, fp16 tensors, every option away from the presets' values
+    "new_order_head_channels_updown_no_scale_shift_classes_eps_fp16": dict(
+        image_size=24, channel_mult="1,2", num_channels=32, num_res_blocks=1, attention_resolutions="24,12",
+        num_head_channels=16, use_new_attention_order=True, resblock_updown=True, use_scale_shift_norm=False,
+        learn_sigma=False, class_cond=True, num_classes=5),
+    "legacy_heads_upsample_conv_resample_learn_sigma": dict(
+        image_size=32, channel_mult="1,2,2", num_channels=32, num_res_blocks=2, attention_resolutions="16,8",
+        num_heads=2, num_heads_upsample=4, use_scale_shift_norm=True, learn_sigma=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WHOLE_MODELS))
+def test_whole_model_matches_independent_adm_forward(name):
+    flags = dict(WHOLE_MODELS[name], codebase="guided-diffusion")
+    dtype = torch.float16 if "fp16" in name else torch.float32
+    sd = random_state(adm_layout(flags), seed=21, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the null-class row
+        model = from_adm_state_dict(sd, flags)
+    g = torch.Generator().manual_seed(22)
+    size = flags["image_size"]
+    x = torch.randn(2, 3, size, size, generator=g)
+    t, y = torch.tensor([7, 901]), (torch.tensor([0, 4]) if flags.get("class_cond") else None)
+    with torch.no_grad():
+        ours = model(x, t, y)
+    ref = adm_forward({k: v.float() for k, v in sd.items()}, flags, x, t, y)
+    assert ours.shape == (2, 6 if flags["learn_sigma"] else 3, size, size)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("scale_shift", [True, False])
@@ -308,6 +400,24 @@ def test_pt_file_round_trip_and_cli(tmp_path):
     for k, v in ref.state_dict().items():
         assert torch.equal(trained.model.state_dict()[k], v)
     assert trained.diffusion.variance_type.name == "LEARNED_RANGE"
+
+
+def test_training_checkpoint_dict_gives_its_ema_weights(tmp_path):
+    layout = adm_layout(layout_flags(small_flags()))
+    raw, ema = random_state(layout, seed=15), random_state(layout, seed=16)
+    torch.save({"model": raw, "ema": ema, "opt": {"lr": 1e-4}, "step": 10}, tmp_path / "train.pt")
+    with pytest.warns(UserWarning, match="took 'ema'"):
+        loaded = load_pt_state_dict(tmp_path / "train.pt")
+    assert loaded.keys() == ema.keys() and all(torch.equal(loaded[k], ema[k]) for k in ema)
+    torch.save({"model": raw, "step": 10}, tmp_path / "raw.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one set of weights: nothing to say
+        loaded = load_pt_state_dict(tmp_path / "raw.pt")
+    assert all(torch.equal(loaded[k], raw[k]) for k in raw)
+    torch.save({"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
+               tmp_path / "opt.pt")
+    with pytest.raises(ConversionError, match="optimizer state"):
+        load_pt_state_dict(tmp_path / "opt.pt")
 
 
 class NotWeights:

@@ -33,6 +33,13 @@ CONFIGS = {
     "one_head_three_levels": dict(attention_head_dim=None, block_out_channels=(32, 32, 64), layers_per_block=2,
                                   down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
                                   up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+    "attention_first_resnet_resamplers_16_groups": dict(
+        down_block_types=("AttnDownBlock2D", "ResnetDownsampleBlock2D"), downsample_type="resnet",
+        up_block_types=("ResnetUpsampleBlock2D", "AttnUpBlock2D"), upsample_type="resnet", norm_num_groups=16,
+        attn_norm_num_groups=16, attention_head_dim=8, dropout=0.1, time_embedding_dim=128),
+    "gray_no_attention_blocks": dict(in_channels=1, out_channels=1, sample_size=None,
+                                     down_block_types=("DownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "UpBlock2D")),
 }
 
 
@@ -52,7 +59,7 @@ def test_import_forward_matches(tmp_path, name):
     with _maybe_warns(name):
         imported = load_diffusers_folder(tmp_path / "unet")
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 3, 16, 16, generator=g)
+    x = torch.randn(3, theirs.config.in_channels, 16, 16, generator=g)
     t = torch.tensor([0, 417, 999])
     y = torch.tensor([0, 2, 4]) if "classes" in name else None
     with torch.no_grad():
@@ -67,11 +74,35 @@ def _maybe_warns(name):
 
 
 @pytest.mark.parametrize("field,value", [("flip_sin_to_cos", False), ("freq_shift", 1), ("act_fn", "gelu"),
-                                         ("center_input_sample", True), ("mid_block_scale_factor", 2)])
+                                         ("center_input_sample", True), ("mid_block_scale_factor", 2),
+                                         ("add_attention", False), ("mid_block_type", None),
+                                         ("class_embed_type", "timestep"), ("time_embedding_type", "fourier"),
+                                         ("norm_eps", 1e-6), ("downsample_padding", 0), ("attn_norm_num_groups", 16)])
 def test_unrepresentable_configs_are_refused_naming_the_field(tmp_path, field, value):
     random_unet(0, **{field: value}).save_pretrained(tmp_path / "unet")
     with pytest.raises(ConversionError, match=field):
         load_diffusers_folder(tmp_path / "unet")
+
+
+@pytest.mark.parametrize("downs,ups", [
+    (("SkipDownBlock2D", "AttnSkipDownBlock2D"), ("AttnSkipUpBlock2D", "SkipUpBlock2D")),
+    (("ResnetDownsampleBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D")),  # ResNet down, conv up
+    (("DownBlock2D", "AttnDownBlock2D"), ("UpBlock2D", "UpBlock2D"))])  # attention only on the way down
+def test_unrepresentable_block_types_are_refused_naming_them(tmp_path, downs, ups):
+    random_unet(0, down_block_types=downs, up_block_types=ups).save_pretrained(tmp_path / "unet")
+    with pytest.raises(ConversionError, match="block_types"):
+        load_diffusers_folder(tmp_path / "unet")
+
+
+def test_fp16_variant_folder_converts_to_float32(tmp_path):
+    theirs = random_unet(6).half()
+    theirs.save_pretrained(tmp_path / "unet", variant="fp16")  # diffusion_pytorch_model.fp16.safetensors only
+    imported = load_diffusers_folder(tmp_path / "unet")
+    assert {p.dtype for p in imported.model.parameters()} == {torch.float32}
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    t = torch.tensor([12, 640])
+    with torch.no_grad():
+        assert (theirs.float()(x, t).sample - imported.model(x, t)).abs().max() <= 1e-5
 
 
 def test_scale_shift_without_mid_attention_norm_is_refused(tmp_path):
@@ -92,7 +123,10 @@ def small_diffcore(seed, **kw):
     return model
 
 
-@pytest.mark.parametrize("kw", [{}, dict(num_classes=3, resblock_updown=True), dict(use_scale_shift_norm=False)])
+@pytest.mark.parametrize("kw", [{}, dict(num_classes=3, resblock_updown=True), dict(use_scale_shift_norm=False),
+                                dict(resblock_updown=True, conv_resample=False, attention_resolutions=(8, 16),
+                                     num_head_channels=16),
+                                dict(norm_groups=16, attention_resolutions=(16, 8), num_head_channels=8, dropout=0.1)])
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "zero_snr"])
 def test_export_round_trip_bit_exact_and_diffusers_loads(tmp_path, kw, schedule):
     model = small_diffcore(2, **kw)
@@ -128,6 +162,9 @@ def test_export_refuses_existing_folder_and_rescaled_timesteps(tmp_path):
     rescaled = UNet(UNetConfig.from_dict({**model.config.to_dict(), "timestep_scale": 0.25}))
     with pytest.raises(ConversionError, match="timestep_scale"):
         save_diffusers_folder(tmp_path / "new", rescaled, diffusion)
+    two_widths = small_diffcore(0, attention_resolutions=(16, 8))  # 4 heads of 8 and of 16 channels
+    with pytest.raises(ConversionError, match="num_heads"):
+        save_diffusers_folder(tmp_path / "new", two_widths, diffusion)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
 
 
@@ -138,7 +175,9 @@ def test_ddim10_matches_diffusers_scheduler(tmp_path, clip):
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=clip,
                           set_alpha_to_one=True, prediction_type="epsilon")
     sched.save_pretrained(tmp_path / "scheduler")
-    imported = load_diffusers_folder(tmp_path / "unet", scheduler_config=dict(sched.config))
+    import contextlib
+    with contextlib.nullcontext() if clip else pytest.warns(UserWarning, match="clip_sample=False"):
+        imported = load_diffusers_folder(tmp_path / "unet", scheduler_config=dict(sched.config))
     x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     sched.set_timesteps(10)
     x = x_T.clone()

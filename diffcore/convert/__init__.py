@@ -8,7 +8,7 @@ sampler, DPS and the CLI serve them unchanged; a diffcore model leaves as a diff
 - :func:`convert_adm_classifier`, :func:`from_adm_classifier_state_dict`, :data:`ADM_CLASSIFIER_PRESETS`:
   guided-diffusion's noisy classifiers, for classifier guidance (:mod:`.adm_classifier`)
 - :func:`load_model`: any of them, or a diffcore checkpoint, as a :class:`~diffcore.train.load.TrainedModel`
-- :func:`convert`: write a converted model (what ``diffcore convert`` runs): :mod:`.convert_folder`
+- :func:`convert_model`: write a converted model (what ``diffcore convert`` runs): :mod:`.writing`
 
 Loading never unpickles arbitrary objects (``.pt`` files are read with ``weights_only=True``, diffusers weights
 only from safetensors).
@@ -21,9 +21,10 @@ from .diffusers import (DiffusersModel, diffusion_from_diffusers_config, load_di
 from .loading import load_model, model_kind
 from .presets import ADM_PRESETS, ADMPreset, adm_preset, adm_preset_names
 from .state import ConversionError, load_pt_state_dict
+from .writing import convert_model
 
 __all__ = ["ConversionError", "load_pt_state_dict", "ADMSpec", "adm_spec", "from_adm_state_dict", "load_adm_model",
            "ADM_PRESETS", "ADMPreset", "adm_preset", "adm_preset_names", "DiffusersModel", "load_diffusers_folder",
            "save_diffusers_folder", "diffusion_from_diffusers_config", "load_model", "model_kind",
            "ADM_CLASSIFIER_PRESETS", "adm_classifier_preset_names", "convert_adm_classifier",
-           "from_adm_classifier_state_dict"]
+           "from_adm_classifier_state_dict", "convert_model"]

@@ -91,18 +91,33 @@ def _locate(path: Path) -> tuple[Path, Optional[Path]]:
     return unet_dir, scheduler if scheduler.is_file() else None
 
 
+def _weights_file(unet_dir: Path) -> Path:
+    """``diffusion_pytorch_model.safetensors``, else the one variant (``diffusion_pytorch_model.fp16.safetensors``)."""
+    weights = unet_dir / WEIGHTS_NAME
+    if weights.is_file():
+        return weights
+    stem, suffix = WEIGHTS_NAME.rsplit(".", 1)
+    variants = sorted(unet_dir.glob(f"{stem}.*.{suffix}"))
+    if len(variants) == 1:
+        return variants[0]
+    if variants:
+        raise ConversionError(f"{unet_dir}: no {WEIGHTS_NAME} but several variants "
+                              f"({', '.join(v.name for v in variants)}); keep the one to convert")
+    raise ConversionError(f"{unet_dir}: no {WEIGHTS_NAME} (only safetensors weights are read; a .bin file would "
+                          f"need unpickling)")
+
+
 def unet_from_diffusers(unet_dir: "str | os.PathLike") -> tuple[UNet, dict]:
-    """(diffcore :class:`UNet`, the diffusers config dict) from a ``UNet2DModel`` folder."""
+    """(diffcore :class:`UNet`, the diffusers config dict) from a ``UNet2DModel`` folder: its
+    ``diffusion_pytorch_model.safetensors``, or the folder's only variant of it (e.g. ``...fp16.safetensors``);
+    half-precision weights are cast to float32."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     unet_dir = Path(unet_dir)
     config = _read_json(unet_dir / "config.json")
     unet_config = unet_config_from_diffusers(config)
-    weights = unet_dir / WEIGHTS_NAME
-    if not weights.is_file():
-        raise ConversionError(f"{unet_dir}: no {WEIGHTS_NAME} (only safetensors weights are read; a .bin file "
-                              f"would need unpickling)")
+    weights = _weights_file(unet_dir)
     try:
         state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as error:
@@ -137,9 +152,10 @@ def load_diffusers_folder(path: "str | os.PathLike", *,
 
 
 def save_diffusers_folder(out_dir: "str | os.PathLike", model: UNet, diffusion: GaussianDiffusion, *,
-                          clip_sample: bool = False) -> Path:
+                          clip_sample: bool = True) -> Path:
     """Write ``model`` and ``diffusion`` as a ``DDPMPipeline`` folder at ``out_dir`` (``model_index.json``,
     ``unet/config.json``, ``unet/diffusion_pytorch_model.safetensors``, ``scheduler/scheduler_config.json``).
+    ``clip_sample``: the scheduler's clipping of x0_hat to [-1, 1] (default True, as ``diffcore sample``).
 
     Refuses an existing ``out_dir`` (FileExistsError); the folder is built under a temporary name next to it and
     renamed into place, so a failure leaves nothing behind. Raises :class:`ConversionError` when diffusers

@@ -165,9 +165,14 @@ def _replace(config: UNetConfig, **changes: Any) -> UNetConfig:
 
 
 def _network_fingerprint(config: UNetConfig) -> dict:
+    """The fields that decide the network, in a canonical form: the head split (set separately), the order of
+    attention_resolutions and conv_resample under resblock_updown (unused there) do not count."""
     data = config.to_dict()
     for key in ("num_heads", "num_head_channels", "num_heads_upsample"):
         data.pop(key)
+    data["attention_resolutions"] = sorted(set(data["attention_resolutions"]))
+    if data["resblock_updown"]:
+        data["conv_resample"] = True
     return data
 
 

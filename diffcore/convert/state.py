@@ -4,33 +4,49 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-__all__ = ["ConversionError", "load_pt_state_dict", "check_state_dict", "describe_mismatch"]
+__all__ = ["ConversionError", "load_pt_state_dict", "check_state_dict", "describe_mismatch", "WRAPPER_KEYS"]
 
 
 class ConversionError(ValueError):
     """A model file that cannot be converted: unreadable, not a state dict, or another architecture."""
 
 
+#: where training checkpoints keep a model's weights, in the order taken: EMA weights first (what one samples from,
+#: as diffcore's own checkpoints load by default), then the trained ones
+WRAPPER_KEYS = ("ema", "model_ema", "ema_model", "state_dict", "model")
+
+
+def _is_tensor_mapping(obj) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
 def _unwrap(obj, path: Path) -> Mapping[str, torch.Tensor]:
-    # a few trainers save {"state_dict": ...} or {"model": ...}; ADM saves the bare state dict
+    # ADM saves the bare state dict; other trainers save a training checkpoint {"model": ..., "ema": ..., "opt": ...}
     if isinstance(obj, Mapping) and obj and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in ("state_dict", "model", "ema"):
-            inner = obj.get(key)
-            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                return inner
+        found = [key for key in WRAPPER_KEYS if _is_tensor_mapping(obj.get(key))]
+        if found:
+            if len(found) > 1:
+                warnings.warn(f"{path}: a training checkpoint with weights under {found}: took {found[0]!r}",
+                              stacklevel=3)
+            return obj[found[0]]
+        if {"state", "param_groups"} <= set(obj):
+            raise ConversionError(f"{path}: this is an optimizer state (keys 'state', 'param_groups'), not model "
+                                  f"weights; ADM runs save the weights as model*.pt / ema_*.pt next to it")
     if not isinstance(obj, Mapping) or not obj:
         raise ConversionError(f"{path}: expected a state dict (a mapping of parameter names to tensors), got "
                               f"{'an empty mapping' if isinstance(obj, Mapping) else type(obj).__name__}")
     bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise ConversionError(f"{path}: expected a state dict of tensors, but {len(bad)} entries are not "
-                              f"(e.g. {', '.join(bad[:3])})")
+                              f"(e.g. {', '.join(bad[:3])}); a training checkpoint should keep the weights under "
+                              f"one of {list(WRAPPER_KEYS)}")
     return obj
 
 
@@ -38,7 +54,9 @@ def load_pt_state_dict(path: "str | os.PathLike") -> dict[str, torch.Tensor]:
     """Read a PyTorch ``.pt`` state dict (improved-diffusion / guided-diffusion / DPS checkpoints) on the CPU.
 
     Loads with ``torch.load(weights_only=True)``: only tensors, numbers, strings and containers are unpickled, never
-    arbitrary objects. A ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper is unwrapped.
+    arbitrary objects. A training checkpoint (a dict that keeps the weights under one of :data:`WRAPPER_KEYS`,
+    e.g. ``{"model": ..., "ema": ..., "opt": ..., "step": ...}``) is unwrapped: the EMA weights when it has them
+    (with a warning naming the key taken when there are several), else ``state_dict`` / ``model``.
 
     Returns ``{name: tensor}`` in the file's dtypes (fp16 files stay fp16). Raises :class:`ConversionError` with
     one line naming the file and what is wrong: missing, truncated or damaged, holds other objects, or is not a
