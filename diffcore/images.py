@@ -55,10 +55,16 @@ def require_finite(result: torch.Tensor, what: str) -> torch.Tensor:
     door reports a diverged model or sampler instead of handing back (or writing) an image that looks black.
     One host sync."""
     if result.numel() and not bool(torch.isfinite(result).all()):
-        bad = int((~torch.isfinite(result)).sum())
+        nonfinite = ~torch.isfinite(result)
+        bad = int(nonfinite.sum())
+        where = ""
+        if result.dim() >= 2:  # a batch: which images (rows)
+            rows = nonfinite.flatten(1).any(1).nonzero().flatten().tolist()
+            shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+            where = f" in {len(rows)} of {result.shape[0]} images (rows {shown})"
         raise FloatingPointError(
-            f"{what}: {bad} of {result.numel()} values are NaN or infinite (the model's output or the sampler's "
-            f"arithmetic diverged: check the model's weights, the dtype and values such as eta and steps); "
+            f"{what}: {bad} of {result.numel()} values are NaN or infinite{where} (the model's output or the "
+            f"sampler's arithmetic diverged: check the model's weights, the dtype and values such as eta and steps); "
             f"nothing was written")
     return result
 
@@ -77,19 +83,40 @@ def center_crop_resize(image: "PIL.Image.Image", size: int) -> "PIL.Image.Image"
     return image.crop((left, top, left + size, top + size))
 
 
+def _as_8bit(picture: "PIL.Image.Image", name: str) -> "PIL.Image.Image":  # noqa: F821
+    """A 16-bit grayscale picture (PIL modes "I;16*", and "I" holding 0..65535, as 16-bit PNGs decode) scaled to
+    8 bits, ``round(v / 257)`` (65535 -> 255); PIL's own conversion would clip every value above 255 to white.
+    Other modes are returned as they are; 32-bit integer or float pictures are a ValueError naming ``name``."""
+    from PIL import Image
+
+    if picture.mode.startswith("I;16") or picture.mode == "I":
+        values = np.asarray(picture, dtype=np.float64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"image file {name} holds 32-bit integer pixels (values in [{values.min():.0f}, "
+                             f"{values.max():.0f}]); expected 8- or 16-bit images")
+        return Image.fromarray(np.rint(values / 257.0).astype(np.uint8), mode="L")
+    if picture.mode == "F":
+        raise ValueError(f"image file {name} holds floating-point pixels (PIL mode F); expected 8- or 16-bit images")
+    return picture
+
+
 def open_picture(source: "str | os.PathLike | bytes", channels: Literal[1, 3],
                  name: "str | None" = None) -> "PIL.Image.Image":  # noqa: F821
     """Decode an image file (its path, or its bytes) fully and convert it to ``channels`` (1: PIL's "L", ITU-R
-    601-2 luma; 3: "RGB"; alpha dropped). An unreadable or corrupt file is a ValueError naming ``name`` (default:
-    the path)."""
+    601-2 luma; 3: "RGB"; alpha dropped). 16-bit images are scaled to 8 bits (``round(v / 257)``). An unreadable
+    or corrupt file, or one with 32-bit or float pixels, is a ValueError naming ``name`` (default: the path)."""
     from PIL import Image, UnidentifiedImageError
 
+    label = name or (source if not isinstance(source, bytes) else "(bytes)")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as picture:
             picture.load()
-            return picture.convert("RGB" if channels == 3 else "L")
+            decoded = picture.copy()
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"image file {label} is too large to decode safely: {error}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise ValueError(f"image file {name or source} is unreadable (corrupt or not an image): {error}") from None
+        raise ValueError(f"image file {label} is unreadable (corrupt or not an image): {error}") from None
+    return _as_8bit(decoded, str(label)).convert("RGB" if channels == 3 else "L")
 
 
 def list_images(root: "str | os.PathLike") -> list[Path]:
@@ -329,13 +356,15 @@ def grid_png(images: torch.Tensor, *, nrow: Optional[int] = None, padding: int =
 
 
 def save_image_grid(images: torch.Tensor, path: "str | os.PathLike", *, nrow: Optional[int] = None,
-                    padding: int = 2, pad_value: float = -1.0) -> Path:
+                    padding: int = 2, pad_value: float = -1.0, overwrite: bool = True) -> Path:
     """Write images ``[N, C, H, W]`` (or one ``[C, H, W]``) in [-1, 1], C = 1 or 3, as one PNG grid
     (:func:`grid_png`: ``nrow``, ``padding``, ``pad_value``). The file is written atomically
-    (:func:`diffcore.outputs.write_together`); missing parent folders are created. NaN or infinite values are an
+    (:func:`diffcore.outputs.write_together`); missing parent folders are created. An existing file at ``path``
+    is replaced, as Python's own writers do, unless ``overwrite=False`` (then it is a FileExistsError and nothing
+    is written; the command line refuses existing files unless ``--overwrite``). NaN or infinite values are an
     error (FloatingPointError; nothing is written). Returns the path."""
     path = Path(path)
-    write_together({path: grid_png(images, nrow=nrow, padding=padding, pad_value=pad_value)})
+    write_together({path: grid_png(images, nrow=nrow, padding=padding, pad_value=pad_value)}, replace=overwrite)
     return path
 
 
@@ -346,9 +375,10 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def save_npz(path: "str | os.PathLike", **arrays: np.ndarray) -> Path:
+def save_npz(path: "str | os.PathLike", *, overwrite: bool = True, **arrays: np.ndarray) -> Path:
     """Write ``arrays`` into one ``.npz`` file (uncompressed, ``np.savez``), atomically; missing parent folders are
-    created. Returns the path."""
+    created; an existing file is replaced unless ``overwrite=False`` (a FileExistsError, nothing written). Returns
+    the path."""
     path = Path(path)
-    write_together({path: npz_bytes(**arrays)})
+    write_together({path: npz_bytes(**arrays)}, replace=overwrite)
     return path

@@ -4,10 +4,12 @@
 readers see the old file or the new one. :func:`write_together` does that for several files at once: every
 file's bytes are prepared by the caller first, every temporary file is written before the first rename, and a
 failure (full disk, read-only folder, a target that is a folder) removes the temporaries and the folders it
-created, so the output folder is left as it was.
+created, so the output folder is left as it was; with ``replace=False`` it never replaces an existing file (the
+command line's outputs: diffcore never replaces what it did not write unless told to with ``--overwrite``).
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import uuid
@@ -49,14 +51,9 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: "str | os.PathLike", data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a temporary file ``.<name>.tmp-<32 hex>`` in the same folder, fsync,
     then ``os.replace``. Readers see the old file or the new one, never a partial one; on failure (e.g. a full
-    disk) the temporary file is removed, the old file is left as it was, and an ``OSError`` says so. The folder
-    must exist."""
-    path = Path(path)
-    try:
-        write_together({path: data}, create_folders=False)
-    except OSError as error:
-        raise OSError(error.errno, f"could not write {path}: {error.strerror or error}; it was left as it "
-                      f"was") from error
+    disk) the temporary file is removed, the old file is left as it was, and an ``OSError`` naming ``path`` says
+    so. The folder must exist."""
+    write_together({Path(path): data}, create_folders=False)
 
 
 def atomic_write_text(path: "str | os.PathLike", text: str) -> None:
@@ -93,14 +90,44 @@ def _missing_folders(folder: Path) -> list[Path]:
     return missing[::-1]
 
 
-def write_together(files: Mapping["str | os.PathLike", bytes], *, create_folders: bool = True) -> list[Path]:
+def _place_new(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path`` only if ``path`` does not exist (FileExistsError otherwise), atomically: a hard
+    link to the new name, then the temporary name removed. Where the file system has no hard links, an existence
+    check and a rename (a narrow race with another writer)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (e.g. some network or FAT file systems)
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "exists", str(path)) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def _write_error(error: OSError, path: Path, replace: bool) -> OSError:
+    """``error`` re-worded to name the target (not diffcore's temporary name) and to say nothing was written."""
+    if isinstance(error, FileExistsError):
+        reason = "it exists already (diffcore never replaces a file here)"
+    else:
+        reason = error.strerror or str(error)
+    kept = " and existing files were left as they were" if replace else ""
+    return OSError(error.errno, f"could not write {path}: {reason}; nothing was written{kept}")
+
+
+def write_together(files: Mapping["str | os.PathLike", bytes], *, create_folders: bool = True,
+                   replace: bool = True) -> list[Path]:
     """Write every ``{path: bytes}`` of ``files`` or none of them.
 
     Each target is checked first (an existing folder or a parent that is a file is an error naming it); then every
-    file is written to a temporary name beside its target and fsynced, and only then renamed into place. On any
-    error the temporaries and the folders this call created are removed and the error is raised: existing files
-    are untouched. (The final renames are not one atomic step: a crash between two of them can leave some new
-    files beside old ones, never a partial file.) Returns the paths written."""
+    file is written to a temporary name beside its target and fsynced, and only then moved into place. With
+    ``replace=False`` an existing target is never replaced: the check runs before any write, and each move is a
+    no-clobber link, so a file that appeared meanwhile (another process) is an error too, and the files this call
+    had already moved into place are removed again. On any error (a full disk, a read-only folder, an interrupt)
+    the temporaries and the folders this call created are removed and an OSError naming the target is raised:
+    existing files are untouched. (With ``replace=True`` the final renames are not one atomic step: a crash between
+    two of them can leave some new files beside old ones, never a partial file.) Returns the paths written."""
     targets = {Path(p): data for p, data in files.items()}
     for path in targets:
         if path.is_dir():
@@ -112,28 +139,44 @@ def write_together(files: Mapping["str | os.PathLike", bytes], *, create_folders
                 break
         if not create_folders and not path.parent.is_dir():
             raise FileNotFoundError(f"{path}: no such folder {path.parent}")
+        if not replace and os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, f"{path} exists already; nothing was written (diffcore never "
+                                  f"replaces a file here)")
     created: list[Path] = []
     temporaries: dict[Path, Path] = {}
+    placed: list[Path] = []
+    current = next(iter(targets), Path("."))
     try:
         for path in targets:
+            current = path
             missing = _missing_folders(path.parent)
             for folder in missing:
                 folder.mkdir()
                 created.append(folder)
         for path, data in targets.items():
+            current = path
             tmp = temporary_name(path)
             temporaries[path] = tmp
             write_synced(tmp, data)
         for path, tmp in temporaries.items():
-            os.replace(tmp, path)
-    except BaseException:
+            current = path
+            if replace:
+                os.replace(tmp, path)
+            else:
+                _place_new(tmp, path)
+                placed.append(path)
+    except BaseException as error:
         for tmp in temporaries.values():
             tmp.unlink(missing_ok=True)
+        for path in placed:  # new files this call put in place (replace=False): ours to take back
+            path.unlink(missing_ok=True)
         for folder in reversed(created):
             try:
                 folder.rmdir()
             except OSError:
                 pass
+        if isinstance(error, OSError) and error.errno is not None:
+            raise _write_error(error, current, replace) from error
         raise
     for folder in {path.parent for path in targets}:
         fsync_dir(folder)

@@ -63,7 +63,8 @@ def cases(ckpt, out):
         (["sample", "--checkpoint", ckpt, "--out", out / "keep.txt" / "x.png"], "is a file, not a folder"),
         (["sample", "--checkpoint", ckpt, "--out", out / "new.png", "--npz", out / "keep.txt" / "x.npz"],
          "--npz: cannot create"),
-        (["sample", "--checkpoint", ckpt, "--out", out / "new.png", "--npz", out / "new.png"], "--npz: must differ"),
+        (["sample", "--checkpoint", ckpt, "--format", "npz", "--out", out / "new.npz", "--npz", out / "new.npz"],
+         "--npz: must differ"),
         (["sample", "--checkpoint", ckpt, "--out", out / "new.png", "--eta", "inf"], "--eta: expected a finite"),
         (["sample", "--checkpoint", ckpt, "--out", out / "new.png", "--eta", "-1"], "--eta: expected a finite"),
         (["sample", "--checkpoint", ckpt, "--out", out / "new.png", "--n", "0"], "--n: expected >= 1"),
@@ -82,6 +83,12 @@ def cases(ckpt, out):
         (["restore", "--checkpoint", ckpt, "--task", "sr4", "--input", out / "img.png", "--out", out / "keep.txt"],
          "exists and is not a folder"),
         (["eval", "--checkpoint", ckpt, "--out", out], "is a folder"),
+        (["eval", "--checkpoint", ckpt, "--eta", "nan", "--out", out / "m.json"], "--eta: expected a finite"),
+        (["eval", "--checkpoint", ckpt, "--real", out / "img.png", "--out", out / "m.json"], "--real "),
+        (["restore", "--checkpoint", ckpt, "--task", "sr4", "--input", out / "img.png", "--out", out / "r",
+          "--sigma-y", "inf"], "--sigma-y: expected a finite"),
+        (["sample", "--checkpoint", ckpt, "--out", out / "keep.txt"], "exists already"),
+        (["sample", "--checkpoint", ckpt, "--out", out / "new.png", "--n", str(2**32 + 1)], "--n: expected at most"),
         (["export", ckpt, out], "not a diffcore checkpoint"),
         (["export", ckpt, out / "keep.txt"], "not a diffcore checkpoint"),
     ]
@@ -127,12 +134,17 @@ def test_traceback_flag_shows_the_trace(ckpt, tmp_path):
 
 
 def test_a_nan_model_is_reported_and_nothing_is_written(nan_ckpt, tmp_path, capsys):
+    populate(tmp_path / "in")  # img.png, an input for invert
     for argv in (["sample", "--checkpoint", nan_ckpt, "--n", "2", "--steps", "2", "--out", tmp_path / "s.png",
                   "--npz", tmp_path / "s.npz"],
-                 ["sample", "--checkpoint", nan_ckpt, "--n", "2", "--ancestral", "--out", tmp_path / "a.png"]):
+                 ["sample", "--checkpoint", nan_ckpt, "--n", "2", "--ancestral", "--out", tmp_path / "a.png"],
+                 # invert wrote NaN latents with exit status 0 before
+                 ["invert", "--checkpoint", nan_ckpt, tmp_path / "in" / "img.png", "--steps", "2", "--out",
+                  tmp_path / "lat.npz"],
+                 ["interpolate", "--checkpoint", nan_ckpt, "--num", "2", "--steps", "2", "--out", tmp_path / "i.png"]):
         code, _, err = run_cli(capsys, *argv, "--no-progress")
         assert code == 2 and "NaN or infinite" in err and err.count("\n") == 1, err
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
 def test_the_front_door_raises_on_nan_instead_of_returning_black(nan_ckpt):

@@ -14,8 +14,9 @@
 
 Every subcommand has ``--help``. Any error (missing files, bad values, incompatible checkpoints, a folder that
 cannot be written, a result that is NaN) prints one line ``diffcore <command>: error: ...`` and exits with status 2
-(1 for an unexpected internal error); ``--traceback`` shows the Python traceback. Outputs are validated before the
-work starts and written all together or not at all.
+(1 for an unexpected internal error, 130 after Ctrl-C); ``--traceback`` shows the Python traceback. Outputs are
+validated before the work starts and written all together or not at all; an output file that exists is an error
+unless ``--overwrite`` is given (diffcore never replaces a file it was not told to replace).
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _message(error: BaseException) -> str:
     if isinstance(error, KeyError):
         return f"missing entry {error}"
+    if isinstance(error, OSError) and error.errno is not None and error.strerror:  # no "[Errno 28]" prefix
+        names = [str(name) for name in (error.filename, error.filename2) if name is not None]
+        return error.strerror + (f": {' -> '.join(names)}" if names else "")
     return str(error) or type(error).__name__
 
 
@@ -62,7 +66,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"diffcore {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, TypeError, OSError, ArithmeticError, RuntimeError, LookupError) as error:
+    except (UsageError, ValueError, TypeError, OSError, ArithmeticError, RuntimeError, LookupError,
+            MemoryError) as error:
         if args.traceback:
             raise
         print(f"diffcore {args.command}: error: {_message(error)}", file=sys.stderr)

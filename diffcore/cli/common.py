@@ -6,13 +6,13 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
 __all__ = ["UsageError", "LoadedModel", "add_model_flags", "add_speed_flags", "add_precision_flags", "apply_threads", "resolve_device",
            "load_model", "ddim_steps",
-           "class_labels", "check_output_file", "check_output_folder"]
+           "class_labels", "add_overwrite_flag", "refuse_existing", "check_suffix", "check_output_file", "check_output_folder"]
 
 
 class UsageError(ValueError):
@@ -76,31 +76,25 @@ def add_speed_flags(parser: argparse.ArgumentParser) -> None:
 def resolve_device(name: Optional[str]) -> torch.device:
     """``--device`` as a torch.device (default: :func:`diffcore.train.distributed.default_device`); a device this
     torch cannot use is a UsageError, not a crash later."""
+    from ..pipelines.common import as_device
     from ..train.distributed import default_device
 
     if not name:
         return default_device()
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device: expected a torch device such as cpu, cuda or cuda:1, got {name!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device; use --device "
-                             f"cpu") from None
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    elif device.type not in ("cpu", "mps", "xpu"):
-        raise UsageError(f"--device: expected cpu or cuda[:N], got {name!r}")
-    return device
+        return as_device(name, "--device")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def apply_threads(threads: Optional[int]) -> None:
     """Set torch's thread count from ``--threads`` (default :func:`diffcore.runtime.default_threads`)."""
     from ..runtime import set_threads
 
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads: expected >= 1, got {threads}")
+    if threads is not None:
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if not 1 <= threads <= available:  # more threads than CPUs only slows down (and crashes OpenMP when huge)
+            raise UsageError(f"--threads: expected 1..{available} (the CPUs this process may use), got {threads}")
     set_threads(threads)
 
 
@@ -153,13 +147,54 @@ def _nearest_existing(path: Path) -> Path:
     return Path(".")
 
 
-def check_output_file(path: Path, flag: str) -> None:
+def add_overwrite_flag(parser: argparse.ArgumentParser, what: str = "--out") -> None:
+    """``--overwrite``: allow replacing existing output files (default: an existing file is an error)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace {what} if it exists (default: an existing file is an error and is left as it "
+                        "was; diffcore never replaces a file unless told to)")
+
+
+def refuse_existing(paths: Sequence[Path], flag: str, overwrite: bool) -> None:
+    """A UsageError when any of ``paths`` exists and ``overwrite`` is False: a command never replaces a file it was
+    not told to replace (a user's file, or an earlier run's that the user may want to keep)."""
+    if overwrite:
+        return
+    existing = [path for path in paths if os.path.lexists(path)]
+    if existing:
+        shown = ", ".join(str(path) for path in existing[:3]) + (f" and {len(existing) - 3} more"
+                                                                 if len(existing) > 3 else "")
+        raise UsageError(f"{flag}: {shown} exist{'s' if len(existing) == 1 else ''} already; diffcore never replaces "
+                         f"a file unless told to: pass --overwrite to replace "
+                         f"{'it' if len(existing) == 1 else 'them'}, or choose another {flag}")
+
+
+#: Suffixes that name another kind of file than the one written: a PNG grid saved as "x.jpg" or an .npz as
+#: "x.png" would be a file that lies about its content.
+OTHER_KINDS = (".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".png", ".npz", ".npy", ".json")
+
+
+def check_suffix(path: Path, expected: str, flag: str) -> None:
+    """A UsageError when ``path``'s suffix names another file kind than ``expected`` (other suffixes, or none,
+    are accepted as given)."""
+    suffix = path.suffix.lower()
+    if suffix != expected and suffix in OTHER_KINDS:
+        raise UsageError(f"{flag}: this writes a {expected} file, got a path ending in {path.suffix!r}: {path}")
+
+
+def check_output_file(path: Path, flag: str, overwrite: bool = False, suffix: Optional[str] = None) -> None:
     """Fail before any work when ``path`` cannot be written as a file: no file name, an existing folder, a parent
-    that is a file, or a folder without write permission."""
+    that is a file, a folder without write permission, (unless ``overwrite``) an existing file, or a suffix that
+    names another kind of file than ``suffix`` (:func:`check_suffix`)."""
+    if suffix is not None:
+        check_suffix(path, suffix, flag)
     if path.name in ("", ".", ".."):
         raise UsageError(f"{flag}: expected a file path, got {str(path)!r} (a folder)")
     if path.is_dir():
         raise UsageError(f"{flag}: {path} is a folder; expected a file path")
+    if os.path.lexists(path) and not path.is_file():
+        raise UsageError(f"{flag}: {path} exists and is not a regular file (a device, a socket or a broken link); "
+                         f"diffcore writes only regular files")
+    refuse_existing([path], flag, overwrite)
     parent = _nearest_existing(path)
     if not parent.is_dir():
         raise UsageError(f"{flag}: cannot create {path}: {parent} is a file, not a folder")

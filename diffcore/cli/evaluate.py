@@ -7,7 +7,8 @@ import json
 import time
 from pathlib import Path
 from ..outputs import write_together
-from .common import UsageError, add_model_flags, add_precision_flags, check_output_file, load_model
+from .common import (UsageError, add_model_flags, add_overwrite_flag, add_precision_flags, check_output_file,
+                     load_model)
 
 
 def register(sub) -> None:
@@ -37,6 +38,7 @@ def register(sub) -> None:
                    "1x28x28 images (default fashion_mnist)")
     p.add_argument("--out", type=Path, default=Path("metrics.json"), help="JSON file to write (default "
                    "metrics.json)")
+    add_overwrite_flag(p)
     p.set_defaults(run=run)
 
 
@@ -49,13 +51,16 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--{flag.replace('_', '-')}: expected >= 1, got {getattr(args, flag)}")
     if args.bpd_batches < 0:
         raise UsageError(f"--bpd-batches: expected >= 0, got {args.bpd_batches}")
-    if args.eta < 0:
-        raise UsageError(f"--eta: expected >= 0, got {args.eta}")
+    if not 0 <= args.eta < float("inf"):
+        raise UsageError(f"--eta: expected a finite value >= 0, got {args.eta}")
     if args.eta != 0 and args.sampler != "ddim":
         raise UsageError("--eta: applies to --sampler ddim")
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", args.overwrite, suffix=".json")
     started = time.perf_counter()
-    real = load_real_images(args.real)
+    try:
+        real = load_real_images(args.real)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--real {args.real}: {error}") from None
     if real.shape[0] < 2 * args.n:
         raise UsageError(f"--n: the real-against-real floor needs 2n = {2 * args.n} real images, {args.real} has "
                          f"{real.shape[0]} (use --n {real.shape[0] // 2} or less)")
@@ -82,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
     except ValueError:
         raise FloatingPointError("eval: a metric is NaN or infinite (the samples diverged?); nothing was written")
-    write_together({args.out: text.encode("utf-8")})
+    write_together({args.out: text.encode("utf-8")}, replace=args.overwrite)
     print(format_report(report))
     print(f"diffcore eval: wrote {args.out} in {time.perf_counter() - started:.1f} s")
     return 0

@@ -5,8 +5,10 @@ import argparse
 import time
 from pathlib import Path
 
-from ..images import save_image_grid
-from .common import UsageError, add_model_flags, check_output_file, class_labels, ddim_steps, load_model
+from ..images import grid_png, require_finite
+from ..outputs import write_together
+from .common import (UsageError, add_model_flags, add_overwrite_flag, check_output_file, class_labels, ddim_steps,
+                     load_model)
 
 
 def register(sub) -> None:
@@ -18,6 +20,7 @@ def register(sub) -> None:
     p.add_argument("--num", type=int, default=8, help="images along the path, ends included (default 8)")
     p.add_argument("--label", type=int, help="class label for a class-conditional model")
     p.add_argument("--out", type=Path, default=Path("interpolation.png"), help="PNG strip to write")
+    add_overwrite_flag(p)
     p.set_defaults(run=run)
 
 
@@ -27,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num < 2:
         raise UsageError(f"--num: expected >= 2, got {args.num}")
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", args.overwrite, suffix=".png")
     started = time.perf_counter()
     loaded = load_model(args)
     device, shape = loaded.diffusion.device, loaded.image_shape
@@ -39,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     images = ddim_sample(loaded.model, loaded.diffusion, x_T=slerp_path(z0, z1, args.num), steps=steps,
                          skip_type=skip, eta=0.0, model_kwargs=kwargs, clip_denoised=True,
                          progress=args.progress).sample
-    save_image_grid(images.float().clamp(-1, 1), args.out, nrow=args.num)
+    images = require_finite(images, "the decoded images")
+    write_together({args.out: grid_png(images.float().clamp(-1, 1), nrow=args.num)}, replace=args.overwrite)
     print(f"diffcore interpolate: wrote {args.out} ({args.num} images from seed {args.seeds[0]} to "
           f"{args.seeds[1]}, {steps} DDIM steps) in {time.perf_counter() - started:.1f} s")
     return 0

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..images import grid_png, npz_bytes, read_images
+from ..images import grid_png, npz_bytes, read_images, require_finite
 from ..outputs import write_together
-from .common import UsageError, add_model_flags, check_output_file, ddim_steps, load_model
+from .common import UsageError, add_model_flags, add_overwrite_flag, check_output_file, ddim_steps, load_model
 
 
 def register(sub) -> None:
@@ -23,6 +23,7 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("latents.npz"), help=".npz to write ('latents' float32)")
     p.add_argument("--reconstruction", type=Path, help="reconstruct from the latents and write a PNG grid "
                    "(first row: inputs, second row: reconstructions); prints the MSE")
+    add_overwrite_flag(p, "--out and --reconstruction")
     p.set_defaults(run=run)
 
 
@@ -30,9 +31,11 @@ def run(args: argparse.Namespace) -> int:
     """Write the latents (and the reconstruction grid) together or not at all."""
     from ..samplers import ddim_invert, ddim_sample
 
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", args.overwrite, suffix=".npz")
     if args.reconstruction:
-        check_output_file(args.reconstruction, "--reconstruction")
+        check_output_file(args.reconstruction, "--reconstruction", args.overwrite, suffix=".png")
+        if args.reconstruction.resolve() == args.out.resolve():
+            raise UsageError("--reconstruction: must differ from --out")
     started = time.perf_counter()
     loaded = load_model(args)
     if loaded.num_classes is not None:
@@ -41,15 +44,17 @@ def run(args: argparse.Namespace) -> int:
     x0 = read_images(args.inputs, loaded.image_shape).to(diffusion.device)
     steps, skip = ddim_steps(args, diffusion)
     latents = ddim_invert(model, diffusion, x0, steps=steps, skip_type=skip, progress=args.progress)
+    require_finite(latents.sample, "the latents")
     files = {args.out: npz_bytes(latents=latents.sample.float().cpu().numpy(),
                                  timesteps=np.asarray(latents.timesteps, dtype=np.int64))}
     message = f"diffcore invert: wrote {args.out} ({x0.shape[0]} latents, {steps} DDIM steps)"
     if args.reconstruction:
-        recon = ddim_sample(model, diffusion, x_T=latents.sample, steps=list(latents.timesteps), eta=0.0,
-                            progress=args.progress).sample.float()
+        recon = require_finite(ddim_sample(model, diffusion, x_T=latents.sample, steps=list(latents.timesteps),
+                                           eta=0.0, progress=args.progress).sample.float(),
+                               "the reconstruction")
         mse = float(((recon - x0) ** 2).mean())
         files[args.reconstruction] = grid_png(torch.cat([x0, recon.clamp(-1, 1)]), nrow=x0.shape[0])
         message += f" and {args.reconstruction} (reconstruction MSE {mse:.3e} on [-1, 1] pixels)"
-    write_together(files)
+    write_together(files, replace=args.overwrite)
     print(f"{message} in {time.perf_counter() - started:.1f} s")
     return 0

@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 from ..images import load_image
-from ..pipelines.restore import RESTORE_TASKS, restore, write_restoration
-from .common import UsageError, add_model_flags, add_precision_flags, check_output_folder, load_model
+from ..pipelines.restore import RESTORATION_FILES, RESTORE_TASKS, restore, write_restoration
+from .common import (UsageError, add_model_flags, add_overwrite_flag, add_precision_flags, check_output_folder,
+                     load_model, refuse_existing)
 
 _BLUR_TASKS = ("deblur-gauss", "deblur-motion")
 _DEFAULT_STEPS = 250
@@ -55,6 +56,7 @@ def register(sub) -> None:
                    "(deblur-motion) (default 0)")
     p.add_argument("--no-clip", dest="clip", action="store_false",
                    help="do not clamp the denoised estimate x0_hat to [-1, 1] during sampling")
+    add_overwrite_flag(p, f"the files of --out ({', '.join(RESTORATION_FILES)})")
     p.set_defaults(run=run)
 
 
@@ -89,13 +91,13 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.noise == "gaussian":
         if args.photon_rate is not None:
             raise UsageError("--photon-rate: applies to --noise poisson")
-        if args.sigma_y is not None and not args.sigma_y >= 0:
-            raise UsageError(f"--sigma-y: expected >= 0, got {args.sigma_y}")
+        if args.sigma_y is not None and not 0 <= args.sigma_y < float("inf"):
+            raise UsageError(f"--sigma-y: expected a finite value >= 0, got {args.sigma_y}")
     else:
         if args.sigma_y is not None:
             raise UsageError("--sigma-y: applies to --noise gaussian (use --photon-rate with --noise poisson)")
-        if args.photon_rate is not None and not args.photon_rate > 0:
-            raise UsageError(f"--photon-rate: expected > 0, got {args.photon_rate}")
+        if args.photon_rate is not None and not 0 < args.photon_rate < float("inf"):
+            raise UsageError(f"--photon-rate: expected a finite value > 0, got {args.photon_rate}")
     if not 0 <= args.zeta < float("inf"):
         raise UsageError(f"--zeta: expected a finite value >= 0, got {args.zeta}")
     if not 0 <= args.eta < float("inf"):
@@ -107,6 +109,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if not args.input.exists():
         raise FileNotFoundError(f"--input: no such file {args.input}")
     check_output_folder(args.out, "--out")
+    refuse_existing([args.out / name for name in RESTORATION_FILES], "--out", args.overwrite)
 
 
 def _format_scores(report: dict) -> str:
@@ -117,8 +120,9 @@ def _format_scores(report: dict) -> str:
             lines.append(f"{name:<10}{'-':>10}{'-':>8}   (not image-shaped)")
             continue
         value = "inf" if scores["psnr"] is None else f"{scores['psnr']:.2f}"
+        similarity = "-" if scores["ssim"] is None else f"{scores['ssim']:.3f}"
         note = f"   ({report['baseline']})" if name == "baseline" else ""
-        lines.append(f"{name:<10}{value:>10}{scores['ssim']:>8.3f}{note}")
+        lines.append(f"{name:<10}{value:>10}{similarity:>8}{note}")
     return "\n".join(lines)
 
 
@@ -142,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                      operator_kwargs=kwargs, clip_denoised=args.clip, progress=args.progress,
                      precision=args.precision, compile=args.compile, batch_size=args.batch_size)
     extra = {"input": str(args.input), "checkpoint": str(args.checkpoint) if args.checkpoint else "packaged"}
-    report = write_restoration(result, args.out, extra=extra)
+    report = write_restoration(result, args.out, extra=extra, replace=args.overwrite)
     print(f"diffcore restore: {args.task} of {args.input} ({'x'.join(map(str, shape))}), DPS {args.sampler} "
           f"{steps} steps, zeta {args.zeta:g} (step {result.settings['step_size']:.4g}), seed {args.seed}, "
           f"{result.settings['dtype']}{' compiled' if args.compile else ''}")

@@ -15,8 +15,8 @@ from pathlib import Path
 from ..images import encode_png, grid_png, npz_bytes, to_uint8
 from ..outputs import write_together
 from ..reference.philox import MAX_IMAGES
-from .common import (UsageError, add_model_flags, add_speed_flags, check_output_file, check_output_folder,
-                     load_model)
+from .common import (UsageError, add_model_flags, add_overwrite_flag, add_speed_flags, check_output_file,
+                     check_output_folder, load_model)
 
 
 def register(sub) -> None:
@@ -65,6 +65,8 @@ def register(sub) -> None:
     p.add_argument("--nrow", type=int, help="images per grid row (default: square grid)")
     p.add_argument("--no-clip", dest="clip", action="store_false",
                    help="do not clamp the denoised estimate x0_hat to [-1, 1] at each step (default: clamp)")
+    add_overwrite_flag(p, "the --out grid or .npz and the --npz file (not with --format png, whose files are never "
+                       "replaced)")
     p.set_defaults(run=run)
 
 
@@ -74,6 +76,8 @@ DEFAULT_OUT = {"grid": Path("samples.png"), "png": Path("samples"), "npz": Path(
 def _check(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise UsageError(f"--n: expected >= 1, got {args.n}")
+    if args.n > MAX_IMAGES:
+        raise UsageError(f"--n: expected at most 2**32 (the images a seed numbers), got {args.n}")
     if not 0 <= args.first_image <= MAX_IMAGES - args.n:
         raise UsageError(f"--first-image: expected 0..2**32 - n = {MAX_IMAGES - args.n} (a seed numbers 2**32 "
                          f"images, this call makes --n {args.n}), got {args.first_image}")
@@ -98,14 +102,17 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--nrow: expected >= 1, got {args.nrow}")
     args.out = args.out if args.out is not None else DEFAULT_OUT[args.format]
     if args.format == "png":
+        if args.overwrite:
+            raise UsageError("--overwrite: --format png never replaces a file (shards fill one folder); remove the "
+                             "files or choose another --out")
         check_output_folder(args.out, "--out")
         _check_no_existing(_png_paths(args))
     else:
-        check_output_file(args.out, "--out")
+        check_output_file(args.out, "--out", args.overwrite, suffix=".png" if args.format == "grid" else ".npz")
     if args.npz:
-        check_output_file(args.npz, "--npz")
         if args.npz.resolve() == args.out.resolve():
             raise UsageError("--npz: must differ from --out")
+        check_output_file(args.npz, "--npz", args.overwrite, suffix=".npz")
 
 
 def _labels(args: argparse.Namespace, num_classes, classifier_classes, device):
@@ -228,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     files = _output_files(args, images, labels)
     if args.format == "png":  # again: another process may have written into the folder meanwhile
         _check_no_existing(_png_paths(args))
-    write_together(files)
+    write_together(files, replace=args.overwrite)
     wrote = f"{args.out}" + (f" ({args.n} PNGs)" if args.format == "png" else "") + \
         (f" and {args.npz}" if args.npz else "")
     what = f"{sampler}, {steps or T} steps" + (f", eta {args.eta}" if args.eta is not None else "") + \

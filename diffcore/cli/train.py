@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .common import UsageError, resolve_device
+from .common import UsageError, check_output_folder, resolve_device
 
 _TRAIN_FIELDS: list[tuple[str, Any, str]] = [
     ("data", str, "training data, picked by what it is: 'fashion_mnist' (IDX files of Debian's "
@@ -114,7 +114,10 @@ def _train_config(args: argparse.Namespace):
 
     if args.config and not args.config.is_file():
         raise FileNotFoundError(f"--config: no such file {args.config}")
-    base = TrainConfig.from_json(args.config.read_text()) if args.config else TrainConfig()
+    try:
+        base = TrainConfig.from_json(args.config.read_text(encoding="utf-8")) if args.config else TrainConfig()
+    except (ValueError, TypeError, KeyError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UsageError(f"--config: {args.config} is not a TrainConfig JSON file: {error}") from None
     changes = {name: getattr(args, name) for name, _, _ in _TRAIN_FIELDS if getattr(args, name) is not None}
     for flag in ("hflip", "ema_warmup", "bf16", "progress", "skip_bad_images", "tensorboard"):
         if getattr(args, flag) is not None:
@@ -148,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_json())
         return 0
+    check_output_folder(Path(config.out_dir), "--out-dir")
     if args.no_resume:
         from ..checkpoint import latest_checkpoint
 

@@ -55,12 +55,16 @@ from ..runtime import (DEFAULT_PRECISION, Precision, batch_slices, compile_model
 from ..samplers import SamplerName
 from .common import eval_mode, model_device
 
-__all__ = ["RESTORE_TASKS", "AutocastModel", "Restoration", "make_measurement_noise", "degraded_view", "baseline_name",
+__all__ = ["RESTORE_TASKS", "RESTORATION_FILES", "SSIM_WINDOW", "AutocastModel", "Restoration", "make_measurement_noise", "degraded_view", "baseline_name",
            "restore",
            "restoration_metrics", "write_restoration"]
 
 #: The task names ``restore`` accepts (those of :func:`diffcore.inverse.make_operator`).
 RESTORE_TASKS: tuple[str, ...] = TASKS
+#: The files :func:`write_restoration` writes into its folder.
+RESTORATION_FILES: tuple[str, ...] = ("degraded.png", "restored.png", "baseline.png", "metrics.json")
+#: The side of SSIM's Gaussian window in :func:`restoration_metrics` (Wang et al.'s 11; smaller images get no SSIM).
+SSIM_WINDOW = 11
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -147,6 +151,23 @@ class Restoration:
     residual_norms: Optional[torch.Tensor] = None  #: ||y - A(x0_hat)|| per DPS step and image, ``[S, B]``
 
 
+def _check_clean_images(x: torch.Tensor) -> None:
+    """``x`` is float ``[B >= 1, C, H, W]`` with finite values in [-1, 1] (the clean images to degrade)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x: expected float images [B, C, H, W], got {got}")
+    if x.shape[0] < 1:
+        raise ValueError(f"x: expected at least one image, got shape {tuple(x.shape)}")
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        raise ValueError(f"x: {int((~finite).sum())} of {x.numel()} values are NaN or infinite; expected clean "
+                         f"images in [-1, 1]")
+    low, high = float(x.min()), float(x.max())
+    if low < -1.0 or high > 1.0:
+        raise ValueError(f"x: expected clean images in [-1, 1] (diffcore.images.from_uint8 maps 8-bit pixels), got "
+                         f"values in [{low:.4g}, {high:.4g}]")
+
+
 def restore(model, diffusion, x: torch.Tensor, task: str, *, sigma_y: float = 0.05,
             noise: NoiseKind = "gaussian", photon_rate: float = 255.0, steps: Optional[int] = None,
             sampler: SamplerName = "ddpm", eta: float = 0.0, zeta: float = 1.0, seed: int = 0,
@@ -159,7 +180,8 @@ def restore(model, diffusion, x: torch.Tensor, task: str, *, sigma_y: float = 0.
         model: ``model(x, t)`` of ``diffusion`` (eps/x0/v prediction; 2C output channels for learned variances),
             on the device to sample on. Parameters need no gradient (only the input's is taken).
         diffusion: the :class:`~diffcore.diffusion.GaussianDiffusion` it was trained with (T steps).
-        x: clean images float ``[B, C, H, W]`` in [-1, 1] (any device; the work runs on the model's device).
+        x: clean images float ``[B, C, H, W]`` in [-1, 1], B >= 1 (any device; the work runs on the model's
+            device); NaN or values outside [-1, 1] are an error naming ``x``.
         task: one of :data:`RESTORE_TASKS`; ``operator_kwargs`` go to :func:`~diffcore.inverse.make_operator`.
         sigma_y, noise, photon_rate: the measurement noise (:func:`make_measurement_noise`), drawn on the CPU from
             ``seed`` (float64), so y is identical on every device.
@@ -183,12 +205,15 @@ def restore(model, diffusion, x: torch.Tensor, task: str, *, sigma_y: float = 0.
     """
     if task not in RESTORE_TASKS:
         raise ValueError(f"task: expected one of {', '.join(RESTORE_TASKS)}, got {task!r}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise TypeError(f"x: expected float images [B, C, H, W], got {x!r:.80}")
-    if not zeta >= 0.0:
-        raise ValueError(f"zeta: expected a guidance scale >= 0, got {zeta}")
-    if not sigma_y >= 0.0:
-        raise ValueError(f"sigma_y: expected a noise level >= 0, got {sigma_y}")
+    _check_clean_images(x)
+    for name, value in (("zeta", zeta), ("sigma_y", sigma_y), ("eta", eta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}: expected a float >= 0, got {type(value).__name__} {value!r}")
+        if not 0.0 <= value < math.inf:
+            raise ValueError(f"{name}: expected a finite float >= 0, got {value}")
+    if eta != 0 and sampler != "ddim":
+        raise ValueError(f"eta: applies to sampler='ddim' (DDIM's stochasticity), got eta={eta} with "
+                         f"sampler={sampler!r}")
     T = diffusion.num_timesteps
     steps = T if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= T:
@@ -249,17 +274,21 @@ def _finite(value: float) -> Optional[float]:
 def restoration_metrics(result: Restoration) -> dict[str, Optional[dict[str, list]]]:
     """PSNR (dB) and SSIM against the clean input, per image (lists of length B), of ``degraded`` (None when not
     comparable), ``baseline`` and ``restored``; images clamped to [-1, 1] first (:func:`diffcore.inverse.psnr`).
-    An infinite PSNR (identical images) is reported as None (JSON has no infinity)."""
+    An infinite PSNR (identical images) is reported as None (JSON has no infinity), and so is the SSIM of images
+    smaller than its :data:`SSIM_WINDOW` x :data:`SSIM_WINDOW` window (it has no value there)."""
+    fits = min(result.reference.shape[-2:]) >= SSIM_WINDOW
+
     def score(images: torch.Tensor) -> dict[str, list]:
+        similarity = ssim(images, result.reference, window=SSIM_WINDOW).tolist() if fits else [None] * len(images)
         return {"psnr": [_finite(v) for v in psnr(images, result.reference).tolist()],
-                "ssim": [float(v) for v in ssim(images, result.reference).tolist()]}
+                "ssim": [None if v is None else float(v) for v in similarity]}
 
     return {"degraded": score(result.degraded) if result.degraded_comparable else None,
             "baseline": score(result.baseline), "restored": score(result.restored)}
 
 
 def write_restoration(result: Restoration, out_dir: "str | os.PathLike", *,
-                      extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                      extra: Optional[dict[str, Any]] = None, replace: bool = True) -> dict[str, Any]:
     """Write ``degraded.png``, ``restored.png``, ``baseline.png`` (8-bit, one image each, clamped to [-1, 1])
     and ``metrics.json`` into ``out_dir`` (created), each atomically. Needs a single image (B = 1).
 
@@ -267,7 +296,8 @@ def write_restoration(result: Restoration, out_dir: "str | os.PathLike", *,
     paths), and ``metrics`` = {"degraded": {"psnr", "ssim"} or null, "baseline": ..., "restored": ...} with
     floats measured on the unquantized images. All four files are written together or none
     (:func:`diffcore.outputs.write_together`): a non-finite image or setting is an error before anything is
-    written. Returns that dictionary.
+    written. ``replace=False``: an existing file of :data:`RESTORATION_FILES` in ``out_dir`` is an error
+    (FileExistsError) and nothing is written. Returns that dictionary.
     """
     if result.reference.shape[0] != 1:
         raise ValueError(f"result: write_restoration writes one image, got a batch of {result.reference.shape[0]}")
@@ -287,9 +317,8 @@ def write_restoration(result: Restoration, out_dir: "str | os.PathLike", *,
     except ValueError as error:
         raise FloatingPointError(f"write_restoration: a setting or score is not finite ({error}); nothing was "
                                  f"written") from None
-    files = {out / f"{name}.png": grid_png(images.float().clamp(-1, 1), nrow=1, padding=0)
-             for name, images in (("degraded", result.degraded), ("restored", result.restored),
-                                  ("baseline", result.baseline))}
-    files[out / "metrics.json"] = text.encode("utf-8")
-    write_together(files)
+    pictures = dict(zip(RESTORATION_FILES, (result.degraded, result.restored, result.baseline)))
+    files = {out / name: grid_png(images.float().clamp(-1, 1), nrow=1, padding=0) for name, images in pictures.items()}
+    files[out / RESTORATION_FILES[-1]] = text.encode("utf-8")
+    write_together(files, replace=replace)
     return report

@@ -13,6 +13,8 @@ fixed one); ``fast=False`` is ancestral sampling over every timestep; ``sampler=
 """
 from __future__ import annotations
 
+import math
+import os
 from typing import Any, Optional, Sequence
 
 import torch
@@ -28,7 +30,7 @@ from ..images import require_finite
 from ..runtime import (SAMPLE_PRECISION, Precision, batch_slices, compile_model, default_batch_size,
                        precision_context, resolve_precision, slice_rows)
 from ..samplers.loop import StepCallback, draw_seed
-from .common import eval_mode, model_device
+from .common import as_device, eval_mode, model_device
 
 __all__ = ["sample", "DEFAULT_FAST_STEPS"]
 
@@ -59,6 +61,24 @@ def _check_first_image(first_image: int, n: int) -> int:
         raise ValueError(f"first_image: expected an int in [0, 2**32 - n] with n = {n} (a seed numbers 2**32 "
                          f"images), got {first_image}")
     return first_image
+
+
+def _check_fits_in_memory(shape: tuple[int, ...], device: torch.device) -> None:
+    """A MemoryError, before any work, when the float32 result ``shape`` alone exceeds the device's memory (the
+    physical memory on a CPU): a huge ``n`` is refused with a way out rather than ending in an allocation failure
+    or swapping after hours of sampling."""
+    need = 4 * math.prod(shape)
+    try:
+        if device.type == "cuda":
+            have = torch.cuda.get_device_properties(device).total_memory
+        else:
+            have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError, RuntimeError):  # unknown: do not guess
+        return
+    if need > have:
+        raise MemoryError(f"n: {shape[0]} images of shape {tuple(shape[1:])} take {need / 2**30:.1f} GiB as float32, "
+                          f"more than the {have / 2**30:.1f} GiB of {device.type} memory; make them in parts with "
+                          f"first_image= (diffcore sample --n N --first-image K --format png)")
 
 
 @torch.no_grad()
@@ -123,6 +143,7 @@ def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps:
             run. An int >= 0 with ``first_image + n <= 2**32`` (a seed numbers 2**32 images). ``model_kwargs``
             tensors of length n belong to this call's n images (e.g. the shard's labels).
     """
+    checked = as_device(device) if device is not None else None  # a bad device fails before any loading
     if model is None:
         packaged = load_default(device=device)
         model = packaged.model
@@ -130,19 +151,29 @@ def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps:
         image_shape = image_shape if image_shape is not None else packaged.image_shape
     if not callable(model):
         raise TypeError(f"model: expected a callable model(x, t, **kwargs), got {type(model).__name__}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
+        raise ValueError(f"n: expected an int in [1, 2**32] (the images a seed numbers), got {n!r}")
+    for flag, value in (("fast", fast), ("compile", compile), ("clip_denoised", clip_denoised),
+                        ("progress", progress)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag}: expected a bool, got {type(value).__name__} {value!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if diffusion is not None and not isinstance(diffusion, GaussianDiffusion):
+        raise TypeError(f"diffusion: expected a diffcore.GaussianDiffusion (diffusers schedulers convert with "
+                        f"diffcore.convert), got {type(diffusion).__name__}")
     first_image = _check_first_image(first_image, n)
     if image_shape is None:
         image_shape = _infer_image_shape(model)
         if image_shape is None:
             raise ValueError("image_shape: expected (C, H, W); the model has no image_shape or U-Net config to "
                              "infer it from, so pass image_shape=(C, H, W)")
-    device = torch.device(device) if device is not None else model_device(model)
+    device = checked if checked is not None else model_device(model)
     if diffusion is None:
         diffusion = GaussianDiffusion(make_schedule("linear", 1000))
     diffusion = diffusion.to(device)
     shape = (n, *(int(s) for s in image_shape))
+    _check_fits_in_memory(shape, device)
     dtype = resolve_precision(precision, device)
     chunk = default_batch_size(n, device) if batch_size is None else batch_size
     batch_slices(n, chunk)  # checks batch_size
