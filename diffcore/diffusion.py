@@ -38,7 +38,7 @@ Model = Callable[..., Any]
 
 __all__ = ["LossType", "as_loss_type", "Model", "model_output_tensor", "split_model_output", "GaussianDiffusion",
            "PosteriorMeanVariance", "ModelMeanVariance", "TrainingLosses", "BpdResult", "mean_flat",
-           "log2_bin_width"]
+           "log2_bin_width", "DIFFUSERS_LEARNED_VARIANCE"]
 
 
 class LossType(enum.IntEnum):
@@ -57,6 +57,13 @@ class LossType(enum.IntEnum):
 def as_loss_type(value: "LossType | str | int") -> LossType:
     """Parse ``"mse" | "rescaled_mse" | "hybrid" | "kl" | "rescaled_kl"`` (or the enum) into a :class:`LossType`."""
     return parse_enum(LossType, value, "loss_type", {"hybrid": LossType.RESCALED_MSE})
+
+
+#: why diffusers' ``variance_type="learned"`` and diffcore's :attr:`VarianceType.LEARNED` are not interchangeable
+#: (refused both ways: :meth:`GaussianDiffusion.from_diffusers_config`, :mod:`diffcore.convert`)
+DIFFUSERS_LEARNED_VARIANCE = ("diffusers' 'learned' reads the model's extra channels as the variance itself, "
+                              "diffcore's (improved-diffusion's) 'learned' as its log, so the same network would "
+                              "sample with a different variance")
 
 
 def model_output_tensor(output: Any) -> torch.Tensor:
@@ -85,11 +92,15 @@ def split_model_output(output: torch.Tensor, x: torch.Tensor, variance_type: Opt
 
     With a ``variance_type`` the output must be ``[B, 2C, ...]`` (learned variances: the prediction, then the
     variance output) or ``[B, C, ...]`` (fixed); with None (a wrapper that does not know the process, such as the
-    guidance wrappers) either is accepted and the shape tells which. Shapes only: no value is read. Anything
-    else raises a ValueError (TypeError for a non-tensor) that names ``what``, the expected and the given shape.
+    guidance wrappers) either is accepted and the shape tells which. Shapes and dtype only: no value is read.
+    A wrong shape raises a ValueError that names ``what``, the expected and the given shape; a non-tensor or a
+    tensor that is not floating point (an integer, bool or complex output would be cast silently) a TypeError
+    naming ``what`` and its type or dtype.
     """
     if not isinstance(output, torch.Tensor):
         raise TypeError(f"{what}: expected a torch.Tensor, got {type(output).__name__}")
+    if not output.is_floating_point():
+        raise TypeError(f"{what}: expected a floating-point tensor (e.g. float32), got dtype {output.dtype}")
     learned = None if variance_type is None else variance_type.is_learned
     got, shape = output.shape, x.shape
     if learned is not True and got == shape:
@@ -273,7 +284,7 @@ class GaussianDiffusion:
         """``model(x, original t, **model_kwargs)``: the one place where diffcore calls a model.
 
         The output is unwrapped (:func:`model_output_tensor`), checked against the variance type
-        (:func:`split_model_output`, shapes only) and cast to x's dtype (differentiably). Returns
+        (:func:`split_model_output`: shape, and a floating dtype) and cast to x's dtype (differentiably). Returns
         ``[B, C, ...]`` or ``[B, 2C, ...]`` (learned variances); split it with :meth:`split_output`.
         """
         out = model_output_tensor(model(x, self.model_timesteps(t), **(model_kwargs or {})))
@@ -450,10 +461,11 @@ class GaussianDiffusion:
 
         The betas: :func:`diffcore.schedules.schedule_from_diffusers_config`. ``prediction_type`` ``epsilon`` /
         ``sample`` / ``v_prediction`` (diffcore's eps / x0 / v); ``variance_type`` ``fixed_small``
-        (``fixed_small_log``), ``fixed_large`` (``fixed_large_log``), ``learned`` or ``learned_range``; one
-        difference: diffusers' fixed_large uses beta_0 at t = 0, diffcore (improved-diffusion) beta~_1. The
-        sampler settings of a scheduler (``clip_sample``, ``timestep_spacing``, ...) are not part of the process:
-        pass them to diffcore's samplers. Errors name the config field (ValueError).
+        (``fixed_small_log``), ``fixed_large`` (``fixed_large_log``) or ``learned_range``; one difference:
+        diffusers' fixed_large uses beta_0 at t = 0, diffcore (improved-diffusion) beta~_1. ``learned`` is refused
+        (:data:`DIFFUSERS_LEARNED_VARIANCE`: the same network would sample with another variance). The sampler
+        settings of a scheduler (``clip_sample``, ``timestep_spacing``, ...) are not part of the process: pass them
+        to diffcore's samplers. Errors name the config field (ValueError).
         """
         if not isinstance(config, Mapping):
             raise TypeError(f"config: expected a dict (a diffusers scheduler config), got {type(config).__name__}")
@@ -464,6 +476,9 @@ class GaussianDiffusion:
             variance_type = as_variance_type(variance)
         except ValueError as error:
             raise ValueError(f"scheduler config {error}") from None
+        if variance_type is VarianceType.LEARNED:
+            raise ValueError(f"scheduler config variance_type: 'learned' is not converted: "
+                             f"{DIFFUSERS_LEARNED_VARIANCE}")
         return cls(schedule_from_diffusers_config(config), prediction, variance_type)
 
 

@@ -200,13 +200,22 @@ def default_threads() -> int:
     return max(1, min(physical, available))
 
 
-def set_threads(threads: Optional[int] = None) -> int:
+def set_threads(threads: Optional[int] = None, *, name: str = "threads") -> int:
     """Set torch's intra-op thread count to ``threads`` (default :func:`default_threads`); returns the count.
-    Pass 1 on a machine shared with other jobs (an OpenMP region waits for its slowest thread)."""
+    Pass 1 on a machine shared with other jobs (an OpenMP region waits for its slowest thread).
+
+    ``threads`` must be an int in 1 .. the CPUs this process may use (its affinity mask, else ``os.cpu_count()``):
+    more only slows down, and a huge count crashes torch's OpenMP. Anything else is a ValueError naming ``name``
+    (e.g. ``"--threads"``), or ``$DIFFCORE_THREADS`` when the default came from it."""
     if threads is None:
-        threads = default_threads()
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads: expected an int >= 1 or None, got {threads!r}")
+        threads, name = default_threads(), (f"${THREADS_ENV}" if os.environ.get(THREADS_ENV, "").strip() else name)
+    try:
+        available = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        available = os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= available:
+        raise ValueError(f"{name}: expected 1..{available} (an int, at most the CPUs this process may use), got "
+                         f"{threads!r}")
     torch.set_num_threads(threads)
     return threads
 

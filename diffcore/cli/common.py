@@ -88,14 +88,15 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 
 def apply_threads(threads: Optional[int]) -> None:
-    """Set torch's thread count from ``--threads`` (default :func:`diffcore.runtime.default_threads`)."""
+    """Set torch's thread count from ``--threads`` (default :func:`diffcore.runtime.default_threads`); a count
+    :func:`diffcore.runtime.set_threads` refuses (outside 1 .. the CPUs this process may use) is a UsageError
+    naming ``--threads``."""
     from ..runtime import set_threads
 
-    if threads is not None:
-        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if not 1 <= threads <= available:  # more threads than CPUs only slows down (and crashes OpenMP when huge)
-            raise UsageError(f"--threads: expected 1..{available} (the CPUs this process may use), got {threads}")
-    set_threads(threads)
+    try:
+        set_threads(threads, name="--threads")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def load_model(args: argparse.Namespace) -> LoadedModel:

@@ -26,6 +26,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the PNG strip of ``--num`` images from seed A to seed B."""
+    from ..pipelines.sample import check_fits_in_memory
     from ..samplers import ddim_sample, initial_noise, slerp_path
 
     if args.num < 2:
@@ -34,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     loaded = load_model(args)
     device, shape = loaded.diffusion.device, loaded.image_shape
+    check_fits_in_memory((args.num, *shape), device, "--num", "ask for fewer images along the path")
     z0, z1 = (initial_noise((1, *shape), seed, device=device)[0] for seed in args.seeds)
     steps, skip = ddim_steps(args, loaded.diffusion)
     kwargs = class_labels(args.label, args.num, loaded.num_classes, device)

@@ -29,6 +29,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the latents (and the reconstruction grid) together or not at all."""
+    from ..pipelines.sample import check_fits_in_memory
     from ..samplers import ddim_invert, ddim_sample
 
     check_output_file(args.out, "--out", args.overwrite, suffix=".npz")
@@ -41,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     if loaded.num_classes is not None:
         raise UsageError("invert: class-conditional models are not supported by this command")
     model, diffusion = loaded.model, loaded.diffusion
-    x0 = read_images(args.inputs, loaded.image_shape).to(diffusion.device)
+    x0 = read_images(args.inputs, loaded.image_shape)
+    check_fits_in_memory(x0.shape, diffusion.device, "inputs", "invert them in parts (fewer inputs per call)")
+    x0 = x0.to(diffusion.device)
     steps, skip = ddim_steps(args, diffusion)
     latents = ddim_invert(model, diffusion, x0, steps=steps, skip_type=skip, progress=args.progress)
     require_finite(latents.sample, "the latents")

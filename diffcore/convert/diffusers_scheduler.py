@@ -24,15 +24,12 @@ from typing import Any, Mapping
 
 import torch
 
-from ..diffusion import GaussianDiffusion
+from ..diffusion import DIFFUSERS_LEARNED_VARIANCE, GaussianDiffusion
 from ..schedules import named_betas
 from ..types import PREDICTION_TYPE_ALIASES
 from .state import ConversionError
 
 __all__ = ["diffusion_from_diffusers_config", "diffusers_scheduler_config", "sampler_setting_notes"]
-
-_LEARNED_REFUSAL = ("diffusers' 'learned' reads the model's extra channels as the variance itself, diffcore's "
-                    "'learned' as its log, so the same network would sample with a different variance")
 
 
 def sampler_setting_notes(config: Mapping[str, Any]) -> list[str]:
@@ -62,11 +59,9 @@ def sampler_setting_notes(config: Mapping[str, Any]) -> list[str]:
 def diffusion_from_diffusers_config(config: Mapping[str, Any]) -> GaussianDiffusion:
     """:meth:`GaussianDiffusion.from_diffusers_config`, with its errors (a schedule, prediction type or variance type
     diffcore does not have; ``rescale_betas_zero_snr`` without v-prediction, which diffcore refuses as singular)
-    raised as :class:`ConversionError` naming the field. ``variance_type="learned"`` is refused (it means another
+    raised as :class:`ConversionError` naming the field, ``variance_type="learned"`` included (it means another
     function of the model's output in diffusers than in diffcore). Warns (UserWarning, one message) listing the
     :func:`sampler_setting_notes`."""
-    if isinstance(config, Mapping) and config.get("variance_type") == "learned":
-        raise ConversionError(f"scheduler config variance_type: 'learned' is not converted: {_LEARNED_REFUSAL}")
     try:
         diffusion = GaussianDiffusion.from_diffusers_config(config)
     except (TypeError, ValueError) as error:
@@ -110,7 +105,7 @@ def diffusers_scheduler_config(diffusion: GaussianDiffusion, *, clip_sample: boo
         raise ConversionError("diffusion: a respaced process cannot be exported; export the full T-step process "
                               "(diffusers' schedulers choose their sampling steps themselves)")
     if diffusion.variance_type.name == "LEARNED":
-        raise ConversionError(f"diffusion: variance_type 'learned' cannot be exported: {_LEARNED_REFUSAL}")
+        raise ConversionError(f"diffusion: variance_type 'learned' cannot be exported: {DIFFUSERS_LEARNED_VARIANCE}")
     betas = diffusion.schedule.betas.detach().to("cpu", torch.float64)
     prediction = {v: k for k, v in PREDICTION_TYPE_ALIASES.items()}[diffusion.prediction_type]
     variance = diffusion.variance_type.name.lower()

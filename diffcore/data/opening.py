@@ -23,7 +23,8 @@ def data_kind(source: str) -> DataKind:
     """What ``source`` is: ``"fashion_mnist"`` or ``"synthetic"`` (names), ``"idx"`` (a folder of (Fashion-)MNIST
     IDX files), ``"packed"`` (a ``diffcore pack --format npy`` folder), ``"shards"`` (tar shards: a ``.tar`` file,
     a brace range or glob of them, or a folder of ``.tar`` files), ``"folder"`` (image files) or ``"array"``
-    (``.npy`` / ``.npz``). Anything else is a FileNotFoundError naming it."""
+    (``.npy`` / ``.npz``). A path that does not exist is a FileNotFoundError naming it, an existing one of another
+    kind (e.g. a ``.png`` file) a ValueError naming it and its suffix."""
     if source in ("fashion_mnist", "fashion-mnist"):
         return "fashion_mnist"
     if source == "synthetic":
@@ -38,8 +39,13 @@ def data_kind(source: str) -> DataKind:
         return "folder"
     if Path(source).suffix in (".npy", ".npz"):
         return "array"
-    raise FileNotFoundError(f"source: expected 'fashion_mnist', 'synthetic', a folder, tar shards or a .npy/.npz "
-                            f"file, got {source!r} (no such file or folder)")
+    expected = "expected 'fashion_mnist', 'synthetic', a folder, tar shards or a .npy/.npz file"
+    path = Path(source)
+    if path.exists():
+        what = (f"a file of an unsupported kind ({path.suffix or 'no suffix'})" if path.is_file() else
+                "which exists but is neither a file nor a folder")
+        raise ValueError(f"source: {expected}, got {source!r}, {what}")
+    raise FileNotFoundError(f"source: {expected}, got {source!r} (no such file or folder)")
 
 
 def _check(images_channels: int, size: tuple[int, int], source: str, image_size: Optional[int],

@@ -29,10 +29,10 @@ from ..schedules import make_schedule
 from ..images import require_finite
 from ..runtime import (SAMPLE_PRECISION, Precision, batch_slices, compile_model, default_batch_size,
                        precision_context, resolve_precision, slice_rows)
-from ..samplers.loop import StepCallback, draw_seed
+from ..samplers.loop import StepCallback, check_generator, draw_seed
 from .common import as_device, eval_mode, model_device
 
-__all__ = ["sample", "DEFAULT_FAST_STEPS"]
+__all__ = ["sample", "DEFAULT_FAST_STEPS", "check_fits_in_memory"]
 
 DEFAULT_FAST_STEPS = 50  #: DDIM steps of ``sample(fast=True)`` when ``steps`` is None
 
@@ -63,10 +63,15 @@ def _check_first_image(first_image: int, n: int) -> int:
     return first_image
 
 
-def _check_fits_in_memory(shape: tuple[int, ...], device: torch.device) -> None:
-    """A MemoryError, before any work, when the float32 result ``shape`` alone exceeds the device's memory (the
-    physical memory on a CPU): a huge ``n`` is refused with a way out rather than ending in an allocation failure
-    or swapping after hours of sampling."""
+def check_fits_in_memory(shape: Sequence[int], device: "torch.device | str", what: str = "n",
+                         remedy: str = "make them in parts with first_image= (diffcore sample --n N --first-image K "
+                                       "--format png)") -> None:
+    """A MemoryError, before any work, when a float32 batch of images ``shape`` ``(N, C, H, W)`` alone exceeds the
+    memory of ``device`` (the physical memory on a CPU; in bytes, 4 per element): a huge request is refused with
+    a way out rather than ending in an allocation failure or swapping after hours of work. The message names
+    ``what`` (the argument or flag that asked for N images) and ends with ``remedy``. Unknown memory: no check.
+    Only the result is counted, so passing is necessary, not sufficient (the model's activations need more)."""
+    device = torch.device(device)
     need = 4 * math.prod(shape)
     try:
         if device.type == "cuda":
@@ -76,9 +81,8 @@ def _check_fits_in_memory(shape: tuple[int, ...], device: torch.device) -> None:
     except (AttributeError, ValueError, OSError, RuntimeError):  # unknown: do not guess
         return
     if need > have:
-        raise MemoryError(f"n: {shape[0]} images of shape {tuple(shape[1:])} take {need / 2**30:.1f} GiB as float32, "
-                          f"more than the {have / 2**30:.1f} GiB of {device.type} memory; make them in parts with "
-                          f"first_image= (diffcore sample --n N --first-image K --format png)")
+        raise MemoryError(f"{what}: {shape[0]} images of shape {tuple(shape[1:])} take {need / 2**30:.1f} GiB as "
+                          f"float32, more than the {have / 2**30:.1f} GiB of {device.type} memory; {remedy}")
 
 
 @torch.no_grad()
@@ -157,8 +161,7 @@ def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps:
                         ("progress", progress)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag}: expected a bool, got {type(value).__name__} {value!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    check_generator(generator)  # early; the seed is drawn from it only once every other check passed
     if diffusion is not None and not isinstance(diffusion, GaussianDiffusion):
         raise TypeError(f"diffusion: expected a diffcore.GaussianDiffusion (diffusers schedulers convert with "
                         f"diffcore.convert), got {type(diffusion).__name__}")
@@ -173,7 +176,7 @@ def sample(model: Optional[Model] = None, n: int = 16, fast: bool = True, steps:
         diffusion = GaussianDiffusion(make_schedule("linear", 1000))
     diffusion = diffusion.to(device)
     shape = (n, *(int(s) for s in image_shape))
-    _check_fits_in_memory(shape, device)
+    check_fits_in_memory(shape, device)
     dtype = resolve_precision(precision, device)
     chunk = default_batch_size(n, device) if batch_size is None else batch_size
     batch_slices(n, chunk)  # checks batch_size

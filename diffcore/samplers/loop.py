@@ -21,8 +21,8 @@ from ..diffusion import GaussianDiffusion
 from ..ops import check_first_row
 from ..reference.philox import philox_normal_like
 
-__all__ = ["SampleResult", "StepCallback", "draw_seed", "initial_noise", "prepare", "timestep_rows", "Intermediates",
-           "steps_progress"]
+__all__ = ["SampleResult", "StepCallback", "check_generator", "draw_seed", "initial_noise", "prepare",
+           "timestep_rows", "Intermediates", "steps_progress"]
 
 #: ``callback(step, t, x, pred_x0)``, called after each step: ``step`` 0-based in visiting order, ``t`` the original
 #: (model) timestep the step started from (an int), ``x`` the new state and ``pred_x0`` the model's x0 estimate at
@@ -50,8 +50,16 @@ class SampleResult:
     pred_x0: Optional[tuple[torch.Tensor, ...]] = None
 
 
+def check_generator(generator: Optional[torch.Generator]) -> None:
+    """A TypeError naming ``generator`` unless it is a torch.Generator or None."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+
+
 def draw_seed(seed: Optional[int], generator: Optional[torch.Generator]) -> int:
-    """``seed`` checked (an int in [0, 2**63)), or one drawn from ``generator`` (torch's default CPU one if None)."""
+    """``seed`` checked (an int in [0, 2**63)), or one drawn from ``generator`` (torch's default CPU one if None).
+    ``generator`` is checked either way (:func:`check_generator`)."""
+    check_generator(generator)
     if seed is None:
         return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
@@ -97,8 +105,9 @@ def prepare(diffusion: GaussianDiffusion, shape: Optional[Sequence[int]], x_T: O
     diffusion = diffusion.to(device)
     if needs_noise or x_T is None:
         seed = draw_seed(seed, generator)
-    elif seed is not None:
-        seed = draw_seed(seed, None)
+    else:  # deterministic from x_T: the seed (if any) and generator are checked, nothing is drawn
+        check_generator(generator)
+        seed = None if seed is None else draw_seed(seed, None)
     x = x_T if x_T is not None else initial_noise(shape, seed, first_row, dtype=dtype, device=device)
     return diffusion, x, seed
 
