@@ -183,6 +183,14 @@ def _physical_cores() -> Optional[int]:
 THREADS_ENV = "DIFFCORE_THREADS"  #: environment variable overriding :func:`default_threads` (e.g. 1 on a shared box)
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one, else ``os.cpu_count()``; >= 1."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def default_threads() -> int:
     """The thread count diffcore's CLI uses by default: ``$DIFFCORE_THREADS`` when set, else ``min(physical cores,
     CPUs this process may run on)`` (hyper-threads and CPUs outside the affinity mask add waiting, not speed), at
@@ -192,10 +200,7 @@ def default_threads() -> int:
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"{THREADS_ENV}: expected an int >= 1, got {value!r}")
         return int(value)
-    try:
-        available = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        available = os.cpu_count() or 1
+    available = available_cpus()
     physical = _physical_cores() or available
     return max(1, min(physical, available))
 
@@ -209,10 +214,7 @@ def set_threads(threads: Optional[int] = None, *, name: str = "threads") -> int:
     (e.g. ``"--threads"``), or ``$DIFFCORE_THREADS`` when the default came from it."""
     if threads is None:
         threads, name = default_threads(), (f"${THREADS_ENV}" if os.environ.get(THREADS_ENV, "").strip() else name)
-    try:
-        available = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        available = os.cpu_count() or 1
+    available = available_cpus()
     if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= available:
         raise ValueError(f"{name}: expected 1..{available} (an int, at most the CPUs this process may use), got "
                          f"{threads!r}")
