@@ -268,9 +268,192 @@ bool hybrid_loss_backward(const HybridLossArgs& a, const Parallel& parallel) {
   });
 }
 
+// ---- group_norm_act ----
+//
+// Parallel over the flattened (image, group) index; a task takes a run of groups of one image at a time. Per-channel
+// sums of (x - pivot) and (x - pivot)^2 (pivot: the channel's first value, formulas.h) go through kLanes float lanes
+// or, in channels_last, float accumulators per channel, flushed into double every block of values; the groups'
+// moments are merged in double and folded into per-channel (pivot, mean, a, d), then the second pass writes
+// y = silu(((x - pivot) - mean) a + d), vectorized over positions (NCHW) or over channels (channels_last).
+
+constexpr int64_t kNormBlock = 1024;     // values per float partial sum (NCHW)
+constexpr int64_t kNormPositions = 64;   // positions per float partial sum (channels_last)
+
+// The scratch of image b (GroupNormArgs::workspace): per-channel double sums, then acc_t arrays.
+template <typename acc_t>
+struct NormWork {
+  double* sum;
+  double* sum_sq;
+  acc_t* pivot;
+  acc_t* lane_sum;
+  acc_t* lane_sq;
+  acc_t* mean;
+  acc_t* a;
+  acc_t* d;
+};
+
+template <typename acc_t>
+NormWork<acc_t> norm_work(const GroupNormArgs& a, int64_t b) {
+  static_assert(sizeof(acc_t) <= sizeof(double), "six acc_t arrays fit in six double arrays");
+  const int64_t C = a.channels;
+  double* base = a.workspace + b * C * kGroupNormWorkDoubles;
+  acc_t* r = reinterpret_cast<acc_t*>(base + 2 * C);
+  return NormWork<acc_t>{base, base + C, r, r + C, r + 2 * C, r + 3 * C, r + 4 * C, r + 5 * C};
+}
+
+// Merges the channels' sums of groups [g0, g1) of image b into group statistics and folds them with weight, bias,
+// scale and shift into the per-channel coefficients.
+template <typename acc_t>
+void finish_groups(const GroupNormArgs& a, const NormWork<acc_t>& w, int64_t b, int64_t g0, int64_t g1) {
+  const int64_t per_group = a.channels / a.groups;
+  const acc_t* weight = static_cast<const acc_t*>(a.weight);
+  const acc_t* bias = static_cast<const acc_t*>(a.bias);
+  const acc_t* scale = a.scale ? static_cast<const acc_t*>(a.scale) + b * a.channels : nullptr;
+  const acc_t* shift = a.shift ? static_cast<const acc_t*>(a.shift) + b * a.channels : nullptr;
+  for (int64_t g = g0; g < g1; ++g) {
+    Moments m{0.0, 0.0, 0.0};
+    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+      m = merge_moments(m, moments_from_shifted_sums((double)a.spatial, (double)w.pivot[c], w.sum[c], w.sum_sq[c]));
+    }
+    const GroupStats stats = group_stats(m, a.eps);
+    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+      const GroupNormCoeffs<acc_t> k = group_norm_coeffs<acc_t>(
+          stats, w.pivot[c], weight ? weight[c] : (acc_t)1, bias ? bias[c] : (acc_t)0, scale ? scale[c] : (acc_t)0,
+          shift ? shift[c] : (acc_t)0);
+      w.mean[c] = k.mean;
+      w.a[c] = k.a;
+      w.d[c] = k.d;
+    }
+  }
+}
+
+// NCHW: groups [g0, g1) of image b, one group at a time (its planes are still in cache for the second pass).
+template <typename scalar_t, typename acc_t, typename SILU>
+void group_norm_nchw(const GroupNormArgs& a, int64_t b, int64_t g0, int64_t g1) {
+  constexpr int64_t kLanes = 16;
+  const int64_t S = a.spatial, per_group = a.channels / a.groups;
+  const NormWork<acc_t> w = norm_work<acc_t>(a, b);
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+      const scalar_t* __restrict__ x = static_cast<const scalar_t*>(a.x) + (b * a.channels + c) * S;
+      const acc_t pivot = static_cast<acc_t>(x[0]);
+      double total = 0.0, total_sq = 0.0;
+      for (int64_t k0 = 0; k0 < S; k0 += kNormBlock) {
+        const int64_t k1 = min64(k0 + kNormBlock, S);
+        acc_t lane_sum[kLanes] = {}, lane_sq[kLanes] = {};
+        int64_t j = k0;
+        for (; j + kLanes <= k1; j += kLanes) {
+          for (int64_t l = 0; l < kLanes; ++l) {
+            const acc_t v = static_cast<acc_t>(x[j + l]) - pivot;
+            lane_sum[l] += v;
+            lane_sq[l] += v * v;
+          }
+        }
+        for (; j < k1; ++j) {
+          const acc_t v = static_cast<acc_t>(x[j]) - pivot;
+          lane_sum[0] += v;
+          lane_sq[0] += v * v;
+        }
+        for (int64_t l = 0; l < kLanes; ++l) {
+          total += (double)lane_sum[l];
+          total_sq += (double)lane_sq[l];
+        }
+      }
+      w.pivot[c] = pivot;
+      w.sum[c] = total;
+      w.sum_sq[c] = total_sq;
+    }
+    finish_groups<acc_t>(a, w, b, g, g + 1);
+    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+      const scalar_t* __restrict__ x = static_cast<const scalar_t*>(a.x) + (b * a.channels + c) * S;
+      scalar_t* __restrict__ out = static_cast<scalar_t*>(a.out) + (b * a.channels + c) * S;
+      const acc_t pivot = w.pivot[c], mean = w.mean[c], ca = w.a[c], cd = w.d[c];
+      for (int64_t j = 0; j < S; ++j) {
+        out[j] = static_cast<scalar_t>(group_norm_act_value<acc_t>(SILU(), pivot, mean, ca, cd,
+                                                                   static_cast<acc_t>(x[j])));
+      }
+    }
+  }
+}
+
+// channels_last: channels [g0 C/G, g1 C/G) of image b, every position; loops run over channels.
+template <typename scalar_t, typename acc_t, typename SILU>
+void group_norm_nhwc(const GroupNormArgs& a, int64_t b, int64_t g0, int64_t g1) {
+  const int64_t S = a.spatial, C = a.channels, per_group = C / a.groups;
+  const int64_t c0 = g0 * per_group, n = (g1 - g0) * per_group;
+  const NormWork<acc_t> w = norm_work<acc_t>(a, b);
+  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(a.x) + b * S * C + c0;
+  scalar_t* __restrict__ out = static_cast<scalar_t*>(a.out) + b * S * C + c0;
+  acc_t* __restrict__ pivot = w.pivot + c0;
+  acc_t* __restrict__ lane_sum = w.lane_sum + c0;
+  acc_t* __restrict__ lane_sq = w.lane_sq + c0;
+  double* __restrict__ sum = w.sum + c0;
+  double* __restrict__ sum_sq = w.sum_sq + c0;
+  for (int64_t c = 0; c < n; ++c) {
+    pivot[c] = static_cast<acc_t>(x[c]);
+    sum[c] = 0.0;
+    sum_sq[c] = 0.0;
+  }
+  for (int64_t p0 = 0; p0 < S; p0 += kNormPositions) {
+    const int64_t p1 = min64(p0 + kNormPositions, S);
+    fill(lane_sum, n, (acc_t)0);
+    fill(lane_sq, n, (acc_t)0);
+    for (int64_t p = p0; p < p1; ++p) {
+      const scalar_t* __restrict__ xp = x + p * C;
+#pragma GCC ivdep
+      for (int64_t c = 0; c < n; ++c) {
+        const acc_t v = static_cast<acc_t>(xp[c]) - pivot[c];
+        lane_sum[c] += v;
+        lane_sq[c] += v * v;
+      }
+    }
+    for (int64_t c = 0; c < n; ++c) {
+      sum[c] += (double)lane_sum[c];
+      sum_sq[c] += (double)lane_sq[c];
+    }
+  }
+  finish_groups<acc_t>(a, w, b, g0, g1);
+  const acc_t* __restrict__ mean = w.mean + c0;
+  const acc_t* __restrict__ ca = w.a + c0;
+  const acc_t* __restrict__ cd = w.d + c0;
+  for (int64_t p = 0; p < S; ++p) {
+    const scalar_t* __restrict__ xp = x + p * C;
+    scalar_t* __restrict__ op = out + p * C;
+#pragma GCC ivdep
+    for (int64_t c = 0; c < n; ++c) {
+      op[c] = static_cast<scalar_t>(group_norm_act_value<acc_t>(SILU(), pivot[c], mean[c], ca[c], cd[c],
+                                                                static_cast<acc_t>(xp[c])));
+    }
+  }
+}
+
+bool group_norm_act(const GroupNormArgs& a, const Parallel& parallel) {
+  if (a.groups <= 0 || a.channels % a.groups != 0 || a.workspace == nullptr) return false;
+  return dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
+    using scalar_t = typename decltype(scalar_tag)::type;
+    using acc_t = acc_type<scalar_t>;
+    return dispatch_bool(a.silu, [&](auto SILU) {
+      const int64_t G = a.groups, group_numel = (a.channels / G) * a.spatial;
+      const int64_t grain = group_numel >= kGrain ? 1 : kGrain / (group_numel > 0 ? group_numel : 1);
+      parallel_for(parallel, a.batch * G, grain, [&](int64_t begin, int64_t end) {
+        while (begin < end) {
+          const int64_t b = begin / G, g0 = begin % G, g1 = min64(G, g0 + (end - begin));
+          if (a.channels_last) {
+            group_norm_nhwc<scalar_t, acc_t, decltype(SILU)>(a, b, g0, g1);
+          } else {
+            group_norm_nchw<scalar_t, acc_t, decltype(SILU)>(a, b, g0, g1);
+          }
+          begin += g1 - g0;
+        }
+      });
+      return true;
+    });
+  });
+}
+
 // Constant-initialized (no code runs at load time).
 constexpr Kernels kKernels{DIFFCORE_CPU_ISA_NAME, q_sample, ddim_step, ddpm_step, hybrid_loss_forward,
-                           hybrid_loss_backward};
+                           hybrid_loss_backward, group_norm_act};
 
 }  // namespace
 
