@@ -270,14 +270,16 @@ bool hybrid_loss_backward(const HybridLossArgs& a, const Parallel& parallel) {
 
 // ---- group_norm_act ----
 //
-// Parallel over the flattened (image, group) index; a task takes a run of groups of one image at a time. Per-channel
-// sums of (x - pivot) and (x - pivot)^2 (pivot: the channel's first value, formulas.h) go through kLanes float lanes
-// or, in channels_last, float accumulators per channel, flushed into double every block of values; the groups'
-// moments are merged in double and folded into per-channel (pivot, mean, a, d), then the second pass writes
-// y = silu(((x - pivot) - mean) a + d), vectorized over positions (NCHW) or over channels (channels_last).
+// Parallel over the flattened (image, group) index; a task takes a run of groups of one image at a time. Both
+// passes go through two micro-kernels over "rows" of W = kNormWidth values (row r at x + r * stride): W
+// consecutive values of an NCHW plane (stride W), or W channels of one position in channels_last (stride C).
+// W is a compile-time constant, so each row is one vector register on AVX-512 (two on AVX2, four on SSE2) and the
+// accumulators stay in registers. Per-channel sums of (x - pivot) and (x - pivot)^2 (pivot: the channel's first
+// value, formulas.h) are float for kNormRows rows, then double; the groups' moments are merged in double and
+// folded into per-channel (pivot, mean, a, d); the second pass writes y = silu(((x - pivot) - mean) a + d).
 
-constexpr int64_t kNormBlock = 1024;     // values per float partial sum (NCHW)
-constexpr int64_t kNormPositions = 64;   // positions per float partial sum (channels_last)
+constexpr int kNormWidth = 16;      // values per row
+constexpr int64_t kNormRows = 64;   // rows per float partial sum
 
 // The scratch of image b (GroupNormArgs::workspace): per-channel double sums, then acc_t arrays.
 template <typename acc_t>
@@ -285,8 +287,6 @@ struct NormWork {
   double* sum;
   double* sum_sq;
   acc_t* pivot;
-  acc_t* lane_sum;
-  acc_t* lane_sq;
   acc_t* mean;
   acc_t* a;
   acc_t* d;
@@ -294,11 +294,57 @@ struct NormWork {
 
 template <typename acc_t>
 NormWork<acc_t> norm_work(const GroupNormArgs& a, int64_t b) {
-  static_assert(sizeof(acc_t) <= sizeof(double), "six acc_t arrays fit in six double arrays");
+  static_assert(sizeof(acc_t) <= sizeof(double), "four acc_t arrays fit in four double arrays");
+  static_assert(kGroupNormWorkDoubles == 6, "two double arrays and four acc_t arrays of C values per image");
   const int64_t C = a.channels;
   double* base = a.workspace + b * C * kGroupNormWorkDoubles;
   acc_t* r = reinterpret_cast<acc_t*>(base + 2 * C);
-  return NormWork<acc_t>{base, base + C, r, r + C, r + 2 * C, r + 3 * C, r + 4 * C, r + 5 * C};
+  return NormWork<acc_t>{base, base + C, r, r + C, r + 2 * C, r + 3 * C};
+}
+
+// Adds the shifted sums of `rows` rows of W values (lane k against pivot[k]) to sum[k] and sum_sq[k].
+template <int W, typename scalar_t, typename acc_t>
+void shifted_sums(const scalar_t* __restrict__ x, int64_t stride, int64_t rows, const acc_t* pivot_in,
+                  double* __restrict__ sum, double* __restrict__ sum_sq) {
+  acc_t pivot[W];
+  for (int k = 0; k < W; ++k) pivot[k] = pivot_in[k];
+  for (int64_t r0 = 0; r0 < rows; r0 += kNormRows) {
+    const int64_t r1 = min64(r0 + kNormRows, rows);
+    acc_t s[W] = {}, q[W] = {};
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* __restrict__ xr = x + r * stride;
+      for (int k = 0; k < W; ++k) {
+        const acc_t v = static_cast<acc_t>(xr[k]) - pivot[k];
+        s[k] += v;
+        q[k] += v * v;
+      }
+    }
+    for (int k = 0; k < W; ++k) {
+      sum[k] += (double)s[k];
+      sum_sq[k] += (double)q[k];
+    }
+  }
+}
+
+// out = silu(((x - pivot) - mean) a + d) over `rows` rows of W values, lane k with coefficients [k].
+template <int W, typename scalar_t, typename acc_t, typename SILU>
+void apply_rows(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t stride, int64_t rows,
+                const acc_t* pivot_in, const acc_t* mean_in, const acc_t* a_in, const acc_t* d_in) {
+  acc_t pivot[W], mean[W], ca[W], cd[W];
+  for (int k = 0; k < W; ++k) {
+    pivot[k] = pivot_in[k];
+    mean[k] = mean_in[k];
+    ca[k] = a_in[k];
+    cd[k] = d_in[k];
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* __restrict__ xr = x + r * stride;
+    scalar_t* __restrict__ outr = out + r * stride;
+    for (int k = 0; k < W; ++k) {
+      outr[k] = static_cast<scalar_t>(
+          group_norm_act_value<acc_t>(SILU(), pivot[k], mean[k], ca[k], cd[k], static_cast<acc_t>(xr[k])));
+    }
+  }
 }
 
 // Merges the channels' sums of groups [g0, g1) of image b into group statistics and folds them with weight, bias,
@@ -327,104 +373,92 @@ void finish_groups(const GroupNormArgs& a, const NormWork<acc_t>& w, int64_t b, 
   }
 }
 
+// Runs f(Int<w>{}, first, count) over [0, n) in pieces of `count` rows of w values: rows of W values, then of 16
+// (when W > 16), then single values. W is 32 for 16-bit storage (one 64-byte vector of it), 16 otherwise.
+template <typename scalar_t, typename F>
+void for_each_width(int64_t n, F&& f) {
+  constexpr int W = sizeof(scalar_t) == 2 ? 2 * kNormWidth : kNormWidth;
+  const int64_t wide = n / W * W, narrow = wide + (n - wide) / kNormWidth * kNormWidth;
+  f(Int<W>{}, (int64_t)0, wide / W);
+  if (W > kNormWidth) f(Int<kNormWidth>{}, wide, (narrow - wide) / kNormWidth);
+  f(Int<1>{}, narrow, n - narrow);
+}
+
 // NCHW: groups [g0, g1) of image b, one group at a time (its planes are still in cache for the second pass).
+// A plane of S values is a run of rows of consecutive values (for_each_width).
 template <typename scalar_t, typename acc_t, typename SILU>
 void group_norm_nchw(const GroupNormArgs& a, int64_t b, int64_t g0, int64_t g1) {
-  constexpr int64_t kLanes = 16;
+  constexpr int kMax = 2 * kNormWidth;
   const int64_t S = a.spatial, per_group = a.channels / a.groups;
   const NormWork<acc_t> w = norm_work<acc_t>(a, b);
   for (int64_t g = g0; g < g1; ++g) {
     for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-      const scalar_t* __restrict__ x = static_cast<const scalar_t*>(a.x) + (b * a.channels + c) * S;
-      const acc_t pivot = static_cast<acc_t>(x[0]);
+      const scalar_t* x = static_cast<const scalar_t*>(a.x) + (b * a.channels + c) * S;
+      acc_t pivot[kMax];
+      double sum[kMax] = {}, sum_sq[kMax] = {};
+      fill(pivot, kMax, static_cast<acc_t>(x[0]));
+      for_each_width<scalar_t>(S, [&](auto width, int64_t first, int64_t rows) {
+        shifted_sums<decltype(width)::value>(x + first, decltype(width)::value, rows, pivot, sum, sum_sq);
+      });
       double total = 0.0, total_sq = 0.0;
-      for (int64_t k0 = 0; k0 < S; k0 += kNormBlock) {
-        const int64_t k1 = min64(k0 + kNormBlock, S);
-        acc_t lane_sum[kLanes] = {}, lane_sq[kLanes] = {};
-        int64_t j = k0;
-        for (; j + kLanes <= k1; j += kLanes) {
-          for (int64_t l = 0; l < kLanes; ++l) {
-            const acc_t v = static_cast<acc_t>(x[j + l]) - pivot;
-            lane_sum[l] += v;
-            lane_sq[l] += v * v;
-          }
-        }
-        for (; j < k1; ++j) {
-          const acc_t v = static_cast<acc_t>(x[j]) - pivot;
-          lane_sum[0] += v;
-          lane_sq[0] += v * v;
-        }
-        for (int64_t l = 0; l < kLanes; ++l) {
-          total += (double)lane_sum[l];
-          total_sq += (double)lane_sq[l];
-        }
+      for (int k = 0; k < kMax; ++k) {
+        total += sum[k];
+        total_sq += sum_sq[k];
       }
-      w.pivot[c] = pivot;
+      w.pivot[c] = pivot[0];
       w.sum[c] = total;
       w.sum_sq[c] = total_sq;
     }
     finish_groups<acc_t>(a, w, b, g, g + 1);
     for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-      const scalar_t* __restrict__ x = static_cast<const scalar_t*>(a.x) + (b * a.channels + c) * S;
-      scalar_t* __restrict__ out = static_cast<scalar_t*>(a.out) + (b * a.channels + c) * S;
-      const acc_t pivot = w.pivot[c], mean = w.mean[c], ca = w.a[c], cd = w.d[c];
-      for (int64_t j = 0; j < S; ++j) {
-        out[j] = static_cast<scalar_t>(group_norm_act_value<acc_t>(SILU(), pivot, mean, ca, cd,
-                                                                   static_cast<acc_t>(x[j])));
-      }
+      const scalar_t* x = static_cast<const scalar_t*>(a.x) + (b * a.channels + c) * S;
+      scalar_t* out = static_cast<scalar_t*>(a.out) + (b * a.channels + c) * S;
+      acc_t pivot[kMax], mean[kMax], ca[kMax], cd[kMax];
+      fill(pivot, kMax, w.pivot[c]);
+      fill(mean, kMax, w.mean[c]);
+      fill(ca, kMax, w.a[c]);
+      fill(cd, kMax, w.d[c]);
+      for_each_width<scalar_t>(S, [&](auto width, int64_t first, int64_t rows) {
+        constexpr int kW = decltype(width)::value;
+        apply_rows<kW, scalar_t, acc_t, SILU>(x + first, out + first, kW, rows, pivot, mean, ca, cd);
+      });
     }
   }
 }
 
-// channels_last: channels [g0 C/G, g1 C/G) of image b, every position; loops run over channels.
+// channels_last: channels [g0 C/G, g1 C/G) of image b at every position, in blocks of channels (rows of stride C,
+// for_each_width over the channels).
 template <typename scalar_t, typename acc_t, typename SILU>
 void group_norm_nhwc(const GroupNormArgs& a, int64_t b, int64_t g0, int64_t g1) {
   const int64_t S = a.spatial, C = a.channels, per_group = C / a.groups;
   const int64_t c0 = g0 * per_group, n = (g1 - g0) * per_group;
   const NormWork<acc_t> w = norm_work<acc_t>(a, b);
-  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(a.x) + b * S * C + c0;
-  scalar_t* __restrict__ out = static_cast<scalar_t*>(a.out) + b * S * C + c0;
-  acc_t* __restrict__ pivot = w.pivot + c0;
-  acc_t* __restrict__ lane_sum = w.lane_sum + c0;
-  acc_t* __restrict__ lane_sq = w.lane_sq + c0;
-  double* __restrict__ sum = w.sum + c0;
-  double* __restrict__ sum_sq = w.sum_sq + c0;
+  const scalar_t* x = static_cast<const scalar_t*>(a.x) + b * S * C + c0;
+  scalar_t* out = static_cast<scalar_t*>(a.out) + b * S * C + c0;
+  acc_t* pivot = w.pivot + c0;
+  double* sum = w.sum + c0;
+  double* sum_sq = w.sum_sq + c0;
   for (int64_t c = 0; c < n; ++c) {
     pivot[c] = static_cast<acc_t>(x[c]);
     sum[c] = 0.0;
     sum_sq[c] = 0.0;
   }
-  for (int64_t p0 = 0; p0 < S; p0 += kNormPositions) {
-    const int64_t p1 = min64(p0 + kNormPositions, S);
-    fill(lane_sum, n, (acc_t)0);
-    fill(lane_sq, n, (acc_t)0);
-    for (int64_t p = p0; p < p1; ++p) {
-      const scalar_t* __restrict__ xp = x + p * C;
-#pragma GCC ivdep
-      for (int64_t c = 0; c < n; ++c) {
-        const acc_t v = static_cast<acc_t>(xp[c]) - pivot[c];
-        lane_sum[c] += v;
-        lane_sq[c] += v * v;
-      }
+  for_each_width<scalar_t>(n, [&](auto width, int64_t first, int64_t blocks) {
+    constexpr int kW = decltype(width)::value;
+    for (int64_t c = first; c < first + blocks * kW; c += kW) {
+      shifted_sums<kW>(x + c, C, S, pivot + c, sum + c, sum_sq + c);
     }
-    for (int64_t c = 0; c < n; ++c) {
-      sum[c] += (double)lane_sum[c];
-      sum_sq[c] += (double)lane_sq[c];
-    }
-  }
+  });
   finish_groups<acc_t>(a, w, b, g0, g1);
-  const acc_t* __restrict__ mean = w.mean + c0;
-  const acc_t* __restrict__ ca = w.a + c0;
-  const acc_t* __restrict__ cd = w.d + c0;
-  for (int64_t p = 0; p < S; ++p) {
-    const scalar_t* __restrict__ xp = x + p * C;
-    scalar_t* __restrict__ op = out + p * C;
-#pragma GCC ivdep
-    for (int64_t c = 0; c < n; ++c) {
-      op[c] = static_cast<scalar_t>(group_norm_act_value<acc_t>(SILU(), pivot[c], mean[c], ca[c], cd[c],
-                                                                static_cast<acc_t>(xp[c])));
+  const acc_t* mean = w.mean + c0;
+  const acc_t* ca = w.a + c0;
+  const acc_t* cd = w.d + c0;
+  for_each_width<scalar_t>(n, [&](auto width, int64_t first, int64_t blocks) {
+    constexpr int kW = decltype(width)::value;
+    for (int64_t c = first; c < first + blocks * kW; c += kW) {
+      apply_rows<kW, scalar_t, acc_t, SILU>(x + c, out + c, C, S, pivot + c, mean + c, ca + c, cd + c);
     }
-  }
+  });
 }
 
 bool group_norm_act(const GroupNormArgs& a, const Parallel& parallel) {
