@@ -376,16 +376,10 @@ DC_HD GroupNormCoeffs<acc_t> group_norm_coeffs(const GroupStats& s, acc_t pivot,
   return c;
 }
 
-// silu(y) = y sigmoid(y) = y / (1 + exp(-y)), with fast_math's exp.
-template <typename acc_t>
-DC_HD acc_t silu(acc_t y) {
-  return y / ((acc_t)1 + dc_exp(-y));
-}
-
 template <typename acc_t>
 DC_HD acc_t group_norm_act_value(bool apply_silu, acc_t pivot, acc_t mean, acc_t a, acc_t d, acc_t x) {
   const acc_t y = ((x - pivot) - mean) * a + d;
-  return apply_silu ? silu(y) : y;
+  return apply_silu ? dc_silu(y) : y;
 }
 
 DC_ISA_END

@@ -272,14 +272,24 @@ bool hybrid_loss_backward(const HybridLossArgs& a, const Parallel& parallel) {
 //
 // Parallel over the flattened (image, group) index; a task takes a run of groups of one image at a time. Both
 // passes go through two micro-kernels over "rows" of W = kNormWidth values (row r at x + r * stride): W
-// consecutive values of an NCHW plane (stride W), or W channels of one position in channels_last (stride C).
-// W is a compile-time constant, so each row is one vector register on AVX-512 (two on AVX2, four on SSE2) and the
-// accumulators stay in registers. Per-channel sums of (x - pivot) and (x - pivot)^2 (pivot: the channel's first
-// value, formulas.h) are float for kNormRows rows, then double; the groups' moments are merged in double and
-// folded into per-channel (pivot, mean, a, d); the second pass writes y = silu(((x - pivot) - mean) a + d).
+// consecutive values of an NCHW group (stride W), or W channels of one position in channels_last (stride C).
+// W is a compile-time constant, so each row is one or two vector registers on AVX-512 (more on AVX2 and SSE2) and
+// the accumulators stay in registers. Sums of (x - pivot) and (x - pivot)^2 (pivot, formulas.h: the group's first
+// value in NCHW, each channel's first value in channels_last) are float for kNormRows rows, then double; the
+// moments are merged in double and folded into per-channel (pivot, mean, a, d); the second pass writes
+// y = silu(((x - pivot) - mean) a + d).
 
 constexpr int kNormWidth = 16;      // values per row
 constexpr int64_t kNormRows = 64;   // rows per float partial sum
+
+// The micro-kernels below must vectorize over the W values of a row, never across rows: GCC, given a constant
+// stride (an NCHW plane's W) through a cloned copy, vectorizes the row loop instead, with transposing permutes
+// (several times slower). Neither inlined nor cloned, they keep the stride a run-time value.
+#if defined(__GNUC__) && !defined(__clang__)
+#define DC_ROW_KERNEL __attribute__((noinline, noclone))
+#else
+#define DC_ROW_KERNEL __attribute__((noinline))
+#endif
 
 // The scratch of image b (GroupNormArgs::workspace): per-channel double sums, then acc_t arrays.
 template <typename acc_t>
@@ -304,7 +314,7 @@ NormWork<acc_t> norm_work(const GroupNormArgs& a, int64_t b) {
 
 // Adds the shifted sums of `rows` rows of W values (lane k against pivot[k]) to sum[k] and sum_sq[k].
 template <int W, typename scalar_t, typename acc_t>
-void shifted_sums(const scalar_t* __restrict__ x, int64_t stride, int64_t rows, const acc_t* pivot_in,
+DC_ROW_KERNEL void shifted_sums(const scalar_t* __restrict__ x, int64_t stride, int64_t rows, const acc_t* pivot_in,
                   double* __restrict__ sum, double* __restrict__ sum_sq) {
   acc_t pivot[W];
   for (int k = 0; k < W; ++k) pivot[k] = pivot_in[k];
@@ -328,7 +338,7 @@ void shifted_sums(const scalar_t* __restrict__ x, int64_t stride, int64_t rows, 
 
 // out = silu(((x - pivot) - mean) a + d) over `rows` rows of W values, lane k with coefficients [k].
 template <int W, typename scalar_t, typename acc_t, typename SILU>
-void apply_rows(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t stride, int64_t rows,
+DC_ROW_KERNEL void apply_rows(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t stride, int64_t rows,
                 const acc_t* pivot_in, const acc_t* mean_in, const acc_t* a_in, const acc_t* d_in) {
   acc_t pivot[W], mean[W], ca[W], cd[W];
   for (int k = 0; k < W; ++k) {
@@ -347,81 +357,78 @@ void apply_rows(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int6
   }
 }
 
-// Merges the channels' sums of groups [g0, g1) of image b into group statistics and folds them with weight, bias,
-// scale and shift into the per-channel coefficients.
+// Folds the moments of group g of image b with weight, bias, scale and shift into the per-channel coefficients
+// (w.pivot must hold the channels' pivots).
 template <typename acc_t>
-void finish_groups(const GroupNormArgs& a, const NormWork<acc_t>& w, int64_t b, int64_t g0, int64_t g1) {
+void finish_group(const GroupNormArgs& a, const NormWork<acc_t>& w, int64_t b, int64_t g, const Moments& m) {
   const int64_t per_group = a.channels / a.groups;
   const acc_t* weight = static_cast<const acc_t*>(a.weight);
   const acc_t* bias = static_cast<const acc_t*>(a.bias);
   const acc_t* scale = a.scale ? static_cast<const acc_t*>(a.scale) + b * a.channels : nullptr;
   const acc_t* shift = a.shift ? static_cast<const acc_t*>(a.shift) + b * a.channels : nullptr;
-  for (int64_t g = g0; g < g1; ++g) {
-    Moments m{0.0, 0.0, 0.0};
-    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-      m = merge_moments(m, moments_from_shifted_sums((double)a.spatial, (double)w.pivot[c], w.sum[c], w.sum_sq[c]));
-    }
-    const GroupStats stats = group_stats(m, a.eps);
-    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-      const GroupNormCoeffs<acc_t> k = group_norm_coeffs<acc_t>(
-          stats, w.pivot[c], weight ? weight[c] : (acc_t)1, bias ? bias[c] : (acc_t)0, scale ? scale[c] : (acc_t)0,
-          shift ? shift[c] : (acc_t)0);
-      w.mean[c] = k.mean;
-      w.a[c] = k.a;
-      w.d[c] = k.d;
-    }
+  const GroupStats stats = group_stats(m, a.eps);
+  for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+    const GroupNormCoeffs<acc_t> k = group_norm_coeffs<acc_t>(
+        stats, w.pivot[c], weight ? weight[c] : (acc_t)1, bias ? bias[c] : (acc_t)0, scale ? scale[c] : (acc_t)0,
+        shift ? shift[c] : (acc_t)0);
+    w.mean[c] = k.mean;
+    w.a[c] = k.a;
+    w.d[c] = k.d;
   }
 }
 
 // Runs f(Int<w>{}, first, count) over [0, n) in pieces of `count` rows of w values: rows of W values, then of 16
-// (when W > 16), then single values. W is 32 for 16-bit storage (one 64-byte vector of it), 16 otherwise.
+// (when W > 16), then single values; pieces without rows are skipped. W is 32 for 16-bit storage (one 64-byte
+// vector of it), 16 otherwise.
 template <typename scalar_t, typename F>
 void for_each_width(int64_t n, F&& f) {
   constexpr int W = sizeof(scalar_t) == 2 ? 2 * kNormWidth : kNormWidth;
   const int64_t wide = n / W * W, narrow = wide + (n - wide) / kNormWidth * kNormWidth;
-  f(Int<W>{}, (int64_t)0, wide / W);
-  if (W > kNormWidth) f(Int<kNormWidth>{}, wide, (narrow - wide) / kNormWidth);
-  f(Int<1>{}, narrow, n - narrow);
+  if (wide > 0) f(Int<W>{}, (int64_t)0, wide / W);
+  if (W > kNormWidth && narrow > wide) f(Int<kNormWidth>{}, wide, (narrow - wide) / kNormWidth);
+  if (n > narrow) f(Int<1>{}, narrow, n - narrow);
 }
 
-// NCHW: groups [g0, g1) of image b, one group at a time (its planes are still in cache for the second pass).
-// A plane of S values is a run of rows of consecutive values (for_each_width).
+// NCHW: groups [g0, g1) of image b, one group at a time (its values are still in cache for the second pass). A
+// group's C/G planes are one contiguous run of values: its sums take one pivot (the group's first value) over
+// the whole run; the second pass goes plane by plane (per-channel coefficients), rows of W then a padded row.
 template <typename scalar_t, typename acc_t, typename SILU>
 void group_norm_nchw(const GroupNormArgs& a, int64_t b, int64_t g0, int64_t g1) {
   constexpr int kMax = 2 * kNormWidth;
   const int64_t S = a.spatial, per_group = a.channels / a.groups;
   const NormWork<acc_t> w = norm_work<acc_t>(a, b);
   for (int64_t g = g0; g < g1; ++g) {
-    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-      const scalar_t* x = static_cast<const scalar_t*>(a.x) + (b * a.channels + c) * S;
-      acc_t pivot[kMax];
-      double sum[kMax] = {}, sum_sq[kMax] = {};
-      fill(pivot, kMax, static_cast<acc_t>(x[0]));
-      for_each_width<scalar_t>(S, [&](auto width, int64_t first, int64_t rows) {
-        shifted_sums<decltype(width)::value>(x + first, decltype(width)::value, rows, pivot, sum, sum_sq);
-      });
-      double total = 0.0, total_sq = 0.0;
-      for (int k = 0; k < kMax; ++k) {
-        total += sum[k];
-        total_sq += sum_sq[k];
-      }
-      w.pivot[c] = pivot[0];
-      w.sum[c] = total;
-      w.sum_sq[c] = total_sq;
+    const scalar_t* xg = static_cast<const scalar_t*>(a.x) + (b * a.channels + g * per_group) * S;
+    acc_t pivot[kMax];
+    double sum[kMax] = {}, sum_sq[kMax] = {};
+    fill(pivot, kMax, static_cast<acc_t>(xg[0]));
+    for_each_width<scalar_t>(per_group * S, [&](auto width, int64_t first, int64_t rows) {
+      shifted_sums<decltype(width)::value>(xg + first, decltype(width)::value, rows, pivot, sum, sum_sq);
+    });
+    double total = 0.0, total_sq = 0.0;
+    for (int k = 0; k < kMax; ++k) {
+      total += sum[k];
+      total_sq += sum_sq[k];
     }
-    finish_groups<acc_t>(a, w, b, g, g + 1);
+    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) w.pivot[c] = pivot[0];
+    finish_group<acc_t>(a, w, b, g, moments_from_shifted_sums((double)(per_group * S), (double)pivot[0], total,
+                                                              total_sq));
     for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
       const scalar_t* x = static_cast<const scalar_t*>(a.x) + (b * a.channels + c) * S;
       scalar_t* out = static_cast<scalar_t*>(a.out) + (b * a.channels + c) * S;
-      acc_t pivot[kMax], mean[kMax], ca[kMax], cd[kMax];
-      fill(pivot, kMax, w.pivot[c]);
+      acc_t mean[kMax], ca[kMax], cd[kMax];
       fill(mean, kMax, w.mean[c]);
       fill(ca, kMax, w.a[c]);
       fill(cd, kMax, w.d[c]);
-      for_each_width<scalar_t>(S, [&](auto width, int64_t first, int64_t rows) {
-        constexpr int kW = decltype(width)::value;
-        apply_rows<kW, scalar_t, acc_t, SILU>(x + first, out + first, kW, rows, pivot, mean, ca, cd);
-      });
+      constexpr int W = sizeof(scalar_t) == 2 ? 2 * kNormWidth : kNormWidth;
+      const int64_t body = S / W * W, tail = S - body;
+      apply_rows<W, scalar_t, acc_t, SILU>(x, out, W, S / W, pivot, mean, ca, cd);
+      if (tail > 0) {  // one more vector row through a padded copy (cheaper than tail values one at a time)
+        scalar_t in_row[W], out_row[W];
+        for (int k = 0; k < W; ++k) in_row[k] = x[body + (k < tail ? k : 0)];
+        apply_rows<W, scalar_t, acc_t, SILU>(in_row, out_row, W, 1, pivot, mean, ca, cd);
+        for (int64_t k = 0; k < tail; ++k) out[body + k] = out_row[k];
+      }
     }
   }
 }
@@ -449,7 +456,13 @@ void group_norm_nhwc(const GroupNormArgs& a, int64_t b, int64_t g0, int64_t g1) 
       shifted_sums<kW>(x + c, C, S, pivot + c, sum + c, sum_sq + c);
     }
   });
-  finish_groups<acc_t>(a, w, b, g0, g1);
+  for (int64_t g = g0; g < g1; ++g) {
+    Moments m{0.0, 0.0, 0.0};
+    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+      m = merge_moments(m, moments_from_shifted_sums((double)S, (double)w.pivot[c], w.sum[c], w.sum_sq[c]));
+    }
+    finish_group<acc_t>(a, w, b, g, m);
+  }
   const acc_t* mean = w.mean + c0;
   const acc_t* ca = w.a + c0;
   const acc_t* cd = w.d + c0;
