@@ -1,7 +1,8 @@
 """The fused diffusion ops: typed wrappers that pick the fused kernel or the pure-torch reference per call.
 
-Every op takes per-sample timesteps ``t`` (int64 ``[B]``) and the schedule table ``alphas_cumprod`` (float64
-``[T]``, on the tensors' device); coefficients are gathered inside the kernel. Inputs may be float32, float64,
+:func:`group_norm_act` is the U-Net's GroupNorm + scale-shift + SiLU; every other op takes per-sample timesteps
+``t`` (int64 ``[B]``) and the schedule table ``alphas_cumprod`` (float64 ``[T]``, on the tensors' device);
+coefficients are gathered inside the kernel. Inputs may be float32, float64,
 bfloat16 or float16 (arithmetic in float32, float64 stays float64), any batch size including 0, any trailing
 shape, contiguous or not (channels_last included). ``impl`` chooses the path: ``"auto"`` (fused when built for
 the device, else reference), ``"fused"`` (error if not built) or ``"reference"``. :func:`which_impl` tells
