@@ -97,7 +97,8 @@ def test_fused_and_reference_match_float64(dtype, kind, affine, modulate, silu):
 @needs_fused
 @pytest.mark.parametrize("shape, groups", [((2, 6, 3, 3), 3), ((3, 20, 1, 1), 4), ((0, 8, 4, 4), 2),
                                            ((4, 12, 10), 6), ((5, 16), 4), ((2, 4, 3, 2, 3), 2),
-                                           ((2, 64, 14, 14), 32), ((1, 48, 3, 5), 1), ((2, 8, 0, 3), 4)])
+                                           ((2, 64, 14, 14), 32), ((1, 48, 3, 5), 1), ((2, 8, 0, 3), 4),
+                                           ((2, 8, 4, 5), 2), ((3, 6, 7, 9), 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_odd_sizes(shape, groups, dtype):
     kinds = LAYOUTS if len(shape) == 4 else ["contiguous"]

@@ -357,6 +357,36 @@ DC_ROW_KERNEL void apply_rows(const scalar_t* __restrict__ x, scalar_t* __restri
   }
 }
 
+// NCHW: out = silu(((x - pivot) - mean) a + d) over `rows` rows of W consecutive values (x, out: the first row),
+// the first row starting at value `first` of a run of planes of S >= W values. Lane k takes the coefficients of
+// its own channel (arrays over the run's channels, the last one `last_channel`): a row spans at most two planes,
+// so each lane selects between two channels.
+template <int W, typename scalar_t, typename acc_t, typename SILU>
+DC_ROW_KERNEL void apply_plane_rows(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t first,
+                                    int64_t rows, int64_t S, int64_t last_channel, const acc_t* pivot,
+                                    const acc_t* mean, const acc_t* a, const acc_t* d) {
+  int64_t c = first / S, plane_end = (c + 1) * S;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t pos = first + r * W;
+    if (pos >= plane_end) {
+      ++c;
+      plane_end += S;
+    }
+    const int64_t split = plane_end - pos;  // lanes from here on belong to channel c + 1
+    const int64_t c1 = c < last_channel ? c + 1 : c;
+    const acc_t p0 = pivot[c], p1 = pivot[c1], m0 = mean[c], m1 = mean[c1];
+    const acc_t a0 = a[c], a1 = a[c1], d0 = d[c], d1 = d[c1];
+    const scalar_t* __restrict__ xr = x + r * W;
+    scalar_t* __restrict__ outr = out + r * W;
+    for (int k = 0; k < W; ++k) {
+      const bool second = k >= split;
+      outr[k] = static_cast<scalar_t>(group_norm_act_value<acc_t>(
+          SILU(), second ? p1 : p0, second ? m1 : m0, second ? a1 : a0, second ? d1 : d0,
+          static_cast<acc_t>(xr[k])));
+    }
+  }
+}
+
 // Folds the moments of group g of image b with weight, bias, scale and shift into the per-channel coefficients
 // (w.pivot must hold the channels' pivots).
 template <typename acc_t>
@@ -389,9 +419,9 @@ void for_each_width(int64_t n, F&& f) {
   if (n > narrow) f(Int<1>{}, narrow, n - narrow);
 }
 
-// NCHW: groups [g0, g1) of image b, one group at a time (its values are still in cache for the second pass). A
-// group's C/G planes are one contiguous run of values: its sums take one pivot (the group's first value) over
-// the whole run; the second pass goes plane by plane (per-channel coefficients), rows of W then a padded row.
+// NCHW: groups [g0, g1) of image b (a run of contiguous planes). A group's C/G planes are one contiguous run of
+// values: its sums take one pivot (the group's first value) over the whole run. The second pass goes over the
+// whole run of planes in rows of W (apply_plane_rows), then a padded row for the rest.
 template <typename scalar_t, typename acc_t, typename SILU>
 void group_norm_nchw(const GroupNormArgs& a, int64_t b, int64_t g0, int64_t g1) {
   constexpr int kMax = 2 * kNormWidth;
@@ -413,22 +443,28 @@ void group_norm_nchw(const GroupNormArgs& a, int64_t b, int64_t g0, int64_t g1) 
     for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) w.pivot[c] = pivot[0];
     finish_group<acc_t>(a, w, b, g, moments_from_shifted_sums((double)(per_group * S), (double)pivot[0], total,
                                                               total_sq));
-    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-      const scalar_t* x = static_cast<const scalar_t*>(a.x) + (b * a.channels + c) * S;
-      scalar_t* out = static_cast<scalar_t*>(a.out) + (b * a.channels + c) * S;
-      acc_t mean[kMax], ca[kMax], cd[kMax];
-      fill(mean, kMax, w.mean[c]);
-      fill(ca, kMax, w.a[c]);
-      fill(cd, kMax, w.d[c]);
-      constexpr int W = sizeof(scalar_t) == 2 ? 2 * kNormWidth : kNormWidth;
-      const int64_t body = S / W * W, tail = S - body;
-      apply_rows<W, scalar_t, acc_t, SILU>(x, out, W, S / W, pivot, mean, ca, cd);
-      if (tail > 0) {  // one more vector row through a padded copy (cheaper than tail values one at a time)
-        scalar_t in_row[W], out_row[W];
-        for (int k = 0; k < W; ++k) in_row[k] = x[body + (k < tail ? k : 0)];
-        apply_rows<W, scalar_t, acc_t, SILU>(in_row, out_row, W, 1, pivot, mean, ca, cd);
-        for (int64_t k = 0; k < tail; ++k) out[body + k] = out_row[k];
-      }
+  }
+  // second pass over the run of planes of groups [g0, g1)
+  constexpr int W = sizeof(scalar_t) == 2 ? 2 * kNormWidth : kNormWidth;
+  const int64_t c0 = g0 * per_group, c1 = g1 * per_group, n = (c1 - c0) * S;
+  const scalar_t* x = static_cast<const scalar_t*>(a.x) + (b * a.channels + c0) * S;
+  scalar_t* out = static_cast<scalar_t*>(a.out) + (b * a.channels + c0) * S;
+  if (S >= W) {
+    const int64_t body = n / W * W, tail = n - body;
+    const int64_t last = c1 - c0 - 1;
+    apply_plane_rows<W, scalar_t, acc_t, SILU>(x, out, 0, n / W, S, last, w.pivot + c0, w.mean + c0, w.a + c0,
+                                               w.d + c0);
+    if (tail > 0) {  // one more vector row through a padded copy (cheaper than tail values one at a time)
+      scalar_t in_row[W], out_row[W];
+      for (int k = 0; k < W; ++k) in_row[k] = x[body + (k < tail ? k : 0)];
+      apply_plane_rows<W, scalar_t, acc_t, SILU>(in_row, out_row, body, 1, S, last, w.pivot + c0, w.mean + c0,
+                                                 w.a + c0, w.d + c0);
+      for (int64_t k = 0; k < tail; ++k) out[body + k] = out_row[k];
+    }
+  } else {  // planes smaller than a row: one value at a time
+    for (int64_t c = 0; c < c1 - c0; ++c) {
+      apply_rows<1, scalar_t, acc_t, SILU>(x + c * S, out + c * S, 1, S, w.pivot + c0 + c, w.mean + c0 + c,
+                                           w.a + c0 + c, w.d + c0 + c);
     }
   }
 }
