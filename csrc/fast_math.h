@@ -27,8 +27,14 @@ DC_HD float dc_int_as_float(int32_t i) {
 #endif
 }
 
-DC_HD float dc_exp(float x) {
-  const float xc = x < -103.972084f ? -103.972084f : (x > 88.7228394f ? 88.7228394f : x);
+// exp(xc) = p 2^n for xc in [-103.97, 88.72]: Cody-Waite reduction to r = xc - n ln2 and Cephes' polynomial
+// p = exp(r), |r| <= ln2 / 2. Shared by dc_exp and dc_silu.
+struct ExpParts {
+  float p;
+  int32_t n;
+};
+
+DC_HD ExpParts dc_exp_parts(float xc) {
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
   const float n = (xc * 1.44269504088896341f + magic) - magic;
   const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
@@ -39,13 +45,30 @@ DC_HD float dc_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t ni = (int32_t)n, n1 = ni / 2, n2 = ni - n1;
-  float result = (p * dc_int_as_float((n1 + 127) << 23)) * dc_int_as_float((n2 + 127) << 23);
+  return ExpParts{p, (int32_t)n};
+}
+
+DC_HD float dc_exp(float x) {
+  const float xc = x < -103.972084f ? -103.972084f : (x > 88.7228394f ? 88.7228394f : x);
+  const ExpParts e = dc_exp_parts(xc);
+  const int32_t n1 = e.n / 2, n2 = e.n - n1;
+  float result = (e.p * dc_int_as_float((n1 + 127) << 23)) * dc_int_as_float((n2 + 127) << 23);
   result = x < -103.972084f ? 0.0f : result;
   result = x > 88.7228394f ? INFINITY : result;
   return x != x ? x : result;
 }
 DC_HD double dc_exp(double x) { return exp(x); }
+
+// silu(y) = y sigmoid(y) = y / (1 + exp(-y)), computed from e = exp(-|y|) in (0, 1] so that nothing overflows:
+// y / (1 + e) for y >= 0, y e / (1 + e) for y < 0. exp(-|y|) is taken as 0 below e^-87.3 (the smallest normal
+// float), where |silu(y)| < 1e-36. NaN propagates (through y). Within 2 ulp of torch's float32 F.silu.
+DC_HD float dc_silu(float y) {
+  const float t = y < 0.0f ? y : -y;  // -|y|
+  const ExpParts parts = dc_exp_parts(t < -87.33f ? -87.33f : t);
+  const float e = t < -87.33f ? 0.0f : parts.p * dc_int_as_float((parts.n + 127) << 23);
+  return (y < 0.0f ? y * e : y) / (1.0f + e);
+}
+DC_HD double dc_silu(double y) { return y / (1.0 + exp(-y)); }
 DC_HD int32_t dc_float_as_int(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_int(f);

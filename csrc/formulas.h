@@ -315,5 +315,72 @@ DC_HD HybridTerms<acc_t> hybrid_terms(int prediction_type, int variance_type, co
   return r;
 }
 
+// ---- group_norm_act (diffcore/reference/group_norm.py) ----
+//
+// Statistics: a kernel sums (x - pivot) and (x - pivot)^2 over a run of n values of one group, the pivot being
+// one of those values (so that |mean| >> std costs no precision), turns the sums into (count, mean, M2) and
+// merges runs by Chan et al.'s pairwise update, in double. The elementwise pass subtracts the same pivot first:
+// x - pivot is exact when x is within a factor 2 of it (Sterbenz), so a large common offset is removed without
+// rounding and the mean is only needed relative to the pivot.
+struct Moments {
+  double n, mean, m2;  // count, mean and sum of squared deviations from the mean
+};
+
+DC_HD Moments moments_from_shifted_sums(double n, double pivot, double sum, double sum_sq) {
+  Moments m;
+  m.n = n;
+  m.mean = pivot + sum / n;
+  m.m2 = sum_sq - sum * (sum / n);
+  return m;
+}
+
+DC_HD Moments merge_moments(const Moments& a, const Moments& b) {
+  if (a.n == 0.0) return b;
+  if (b.n == 0.0) return a;
+  Moments m;
+  m.n = a.n + b.n;
+  const double delta = b.mean - a.mean;
+  m.mean = a.mean + delta * (b.n / m.n);
+  m.m2 = a.m2 + b.m2 + delta * delta * (a.n * b.n / m.n);
+  return m;
+}
+
+struct GroupStats {
+  double mean, rstd;  // rstd = 1 / sqrt(biased variance + eps); NaN in the group's values propagates to both
+};
+
+DC_HD GroupStats group_stats(const Moments& m, double eps) {
+  GroupStats s;
+  s.mean = m.mean;
+  s.rstd = 1.0 / sqrt(dc_max(m.m2 / m.n, 0.0) + eps);
+  return s;
+}
+
+// What the elementwise pass needs for channel c of image b: y = ((x - pivot) - mean) * a + d, then SiLU, with
+// mean relative to the pivot, a = rstd w_c (1 + scale_bc) and d = b_c (1 + scale_bc) + shift_bc (when absent:
+// w = 1, b = 0, scale = 0, shift = 0).
+template <typename acc_t>
+struct GroupNormCoeffs {
+  acc_t pivot, mean, a, d;
+};
+
+template <typename acc_t>
+DC_HD GroupNormCoeffs<acc_t> group_norm_coeffs(const GroupStats& s, acc_t pivot, acc_t weight, acc_t bias,
+                                               acc_t scale, acc_t shift) {
+  GroupNormCoeffs<acc_t> c;
+  const acc_t factor = (acc_t)1 + scale;
+  c.pivot = pivot;
+  c.mean = (acc_t)(s.mean - (double)pivot);
+  c.a = (acc_t)s.rstd * weight * factor;
+  c.d = bias * factor + shift;
+  return c;
+}
+
+template <typename acc_t>
+DC_HD acc_t group_norm_act_value(bool apply_silu, acc_t pivot, acc_t mean, acc_t a, acc_t d, acc_t x) {
+  const acc_t y = ((x - pivot) - mean) * a + d;
+  return apply_silu ? dc_silu(y) : y;
+}
+
 DC_ISA_END
 }  // namespace diffcore

@@ -87,4 +87,27 @@ struct HybridLossArgs {
   OutRows grad_prediction, grad_variance;
 };
 
+// group_norm_act: x is B images of C channels and S = prod(spatial) positions, dense in one of two layouts:
+// NCHW (element (b, c, p) at b*C*S + c*S + p) or channels_last (at b*S*C + p*C + c). weight, bias ([C]) and
+// scale, shift ([B, C], row-major) are in the compute type (float, or double for float64 x) or null (absent).
+// y = (x - mean_bg) * rstd_bg * weight_c + bias_c; y = y * (1 + scale_bc) + shift_bc; y = silu(y) when silu.
+struct GroupNormArgs {
+  DType dtype;
+  int64_t batch, channels, groups, spatial;
+  bool channels_last;
+  double eps;
+  bool silu;
+  const void* x;
+  const void* weight;
+  const void* bias;
+  const void* scale;
+  const void* shift;
+  void* out;
+  // CPU kernels only: batch * channels * kGroupNormWorkDoubles doubles of scratch (per-channel sums and
+  // coefficients); null for CUDA.
+  double* workspace;
+};
+
+constexpr int64_t kGroupNormWorkDoubles = 6;
+
 }  // namespace diffcore

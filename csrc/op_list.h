@@ -20,4 +20,7 @@
     "int prediction_type, int variance_type) -> (Tensor, Tensor)")                                                \
   X(hybrid_loss_backward,                                                                                         \
     "(Tensor grad_mse, Tensor grad_vb, Tensor model_output, Tensor x0, Tensor x_t, Tensor noise, Tensor t, "      \
-    "Tensor alphas_cumprod, int prediction_type, int variance_type) -> Tensor")
+    "Tensor alphas_cumprod, int prediction_type, int variance_type) -> Tensor")                                   \
+  X(group_norm_act,                                                                                               \
+    "(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, Tensor? scale, Tensor? shift, "          \
+    "bool silu) -> Tensor")

@@ -4,7 +4,9 @@
 
 #include <torch/library.h>
 
+#include <cmath>
 #include <string>
+#include <vector>
 
 #include "op_list.h"
 
@@ -358,6 +360,56 @@ at::Tensor hybrid_loss_backward_impl(const Backend& backend, const at::Tensor& g
   }
   if (direct) return grad;
   return at::cat({grad_pred, grad_var}, 1).contiguous(out_format);
+}
+
+namespace {
+
+// weight / bias ([C]) and scale / shift ([B, C]): absent, or of that shape in float32 or x's dtype on x's device;
+// returned dense in the compute dtype (an undefined tensor when absent).
+at::Tensor group_norm_param(const char* name, const c10::optional<at::Tensor>& param, at::IntArrayRef shape,
+                            const char* shape_text, const at::Tensor& x) {
+  if (!param.has_value() || !param->defined()) return at::Tensor();
+  const at::Tensor& p = *param;
+  TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == x.scalar_type(), name,
+              ": expected dtype float32 or ", x.scalar_type(), " (that of x), got ", p.scalar_type());
+  TORCH_CHECK(p.sizes() == shape, name, ": expected shape ", shape, " (", shape_text, "), got ", p.sizes());
+  check_device(name, p, "x", x);
+  return p.to(compute_dtype(x)).contiguous();
+}
+
+}  // namespace
+
+at::Tensor group_norm_act_impl(const Backend& backend, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
+                               const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                               bool silu) {
+  check_float("x", x);
+  TORCH_CHECK(x.dim() >= 2, "x: expected a tensor [B, C, *spatial] with at least 2 dimensions, got shape ",
+              x.sizes());
+  const int64_t batch = x.size(0), channels = x.size(1);
+  TORCH_CHECK(num_groups >= 1 && channels % num_groups == 0, "num_groups: expected a positive divisor of the ",
+              channels, " channels of x, got ", num_groups);
+  TORCH_CHECK(eps > 0.0 && std::isfinite(eps), "eps: expected a finite float > 0, got ", eps);
+  const std::vector<int64_t> per_channel{channels}, per_sample{batch, channels};
+  const at::Tensor w = group_norm_param("weight", weight, per_channel, "[C], C = x.shape[1]", x);
+  const at::Tensor b = group_norm_param("bias", bias, per_channel, "[C], C = x.shape[1]", x);
+  const at::Tensor sc = group_norm_param("scale", scale, per_sample, "[B, C] of x", x);
+  const at::Tensor sh = group_norm_param("shift", shift, per_sample, "[B, C] of x", x);
+  const auto format = kernel_format(x);
+  const at::Tensor xd = x.contiguous(format);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(format));
+  if (out.numel() == 0) return out;
+  at::Tensor workspace;
+  if (backend.group_norm_needs_workspace) {
+    workspace = at::empty({batch * channels * kGroupNormWorkDoubles}, x.options().dtype(at::kDouble));
+  }
+  GroupNormArgs args{dtype_of(x), batch, channels, num_groups, inner_numel(x) / channels,
+                     format == at::MemoryFormat::ChannelsLast, eps, silu, xd.data_ptr(),
+                     w.defined() ? w.data_ptr() : nullptr, b.defined() ? b.data_ptr() : nullptr,
+                     sc.defined() ? sc.data_ptr() : nullptr, sh.defined() ? sh.data_ptr() : nullptr,
+                     out.data_ptr(), workspace.defined() ? workspace.data_ptr<double>() : nullptr};
+  backend.group_norm_act(args);
+  return out;
 }
 
 }  // namespace diffcore

@@ -21,6 +21,8 @@ struct Backend {
   void (*ddpm_step)(const DdpmStepArgs&);
   void (*hybrid_loss_forward)(const HybridLossArgs&);
   void (*hybrid_loss_backward)(const HybridLossArgs&);
+  void (*group_norm_act)(const GroupNormArgs&);
+  bool group_norm_needs_workspace;  // CPU: GroupNormArgs::workspace is allocated by the host function
 };
 
 at::Tensor q_sample_impl(const Backend& backend, const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t,
@@ -51,9 +53,14 @@ at::Tensor hybrid_loss_backward_impl(const Backend& backend, const at::Tensor& g
                                      const at::Tensor& noise, const at::Tensor& t, const at::Tensor& alphas_cumprod,
                                      int64_t prediction_type, int64_t variance_type);
 
+at::Tensor group_norm_act_impl(const Backend& backend, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
+                               const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                               bool silu);
+
 // The op entry points of one backend, in the schemas' argument order. Traits provides
 // `static const Backend& backend()` and a `Guard` type constructed from the op's first image tensor (an RAII
-// device guard on CUDA, a no-op on CPU). register_backend_ops<Traits>(m) registers all five ops, so that the CPU
+// device guard on CUDA, a no-op on CPU). register_backend_ops<Traits>(m) registers all the ops, so that the CPU
 // registration (ops.cpp) and the CUDA one (cuda/ops_cuda.cpp) share one list.
 template <typename Traits>
 struct BackendOps {
@@ -101,6 +108,14 @@ struct BackendOps {
     const typename Traits::Guard guard(x0);
     return hybrid_loss_backward_impl(Traits::backend(), grad_mse, grad_vb, model_output, x0, x_t, noise, t,
                                      alphas_cumprod, prediction_type, variance_type);
+  }
+
+  static at::Tensor group_norm_act(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                   const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
+                                   const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                                   bool silu) {
+    const typename Traits::Guard guard(x);
+    return group_norm_act_impl(Traits::backend(), x, weight, bias, num_groups, eps, scale, shift, silu);
   }
 };
 

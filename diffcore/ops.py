@@ -1,7 +1,8 @@
 """The fused diffusion ops: typed wrappers that pick the fused kernel or the pure-torch reference per call.
 
-Every op takes per-sample timesteps ``t`` (int64 ``[B]``) and the schedule table ``alphas_cumprod`` (float64
-``[T]``, on the tensors' device); coefficients are gathered inside the kernel. Inputs may be float32, float64,
+:func:`group_norm_act` is the U-Net's GroupNorm + scale-shift + SiLU; every other op takes per-sample timesteps
+``t`` (int64 ``[B]``) and the schedule table ``alphas_cumprod`` (float64 ``[T]``, on the tensors' device);
+coefficients are gathered inside the kernel. Inputs may be float32, float64,
 bfloat16 or float16 (arithmetic in float32, float64 stays float64), any batch size including 0, any trailing
 shape, contiguous or not (channels_last included). ``impl`` chooses the path: ``"auto"`` (fused when built for
 the device, else reference), ``"fused"`` (error if not built) or ``"reference"``. :func:`which_impl` tells
@@ -20,12 +21,13 @@ still checked, without a Python-level read, so both paths raise; on CUDA uncheck
 clamped into range by the kernels and the reference alike. ``torch.ops.diffcore.*`` called directly checks the same in C++, and its fake (meta)
 implementations check the same again (devices, shapes, dtypes, enums) for FakeTensor / torch.compile tracing.
 
-Gradients: q_sample, ddim_step and ddpm_step are differentiable in every tensor input on both paths (the fused
+Gradients: q_sample, ddim_step, ddpm_step and group_norm_act are differentiable in every tensor input on both paths (the fused
 backward is the reference's, see :mod:`diffcore.reference.autograd`); hybrid_loss differentiates model_output
 only and raises if a backward pass reaches x0, x_t, noise or alphas_cumprod.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import torch
@@ -38,7 +40,7 @@ from .types import PredictionType, VarianceType, as_prediction_type, as_variance
 
 Impl = Literal["auto", "fused", "reference"]
 
-__all__ = ["q_sample", "ddim_step", "ddpm_step", "hybrid_loss", "which_impl", "fused_available", "check_seed",
+__all__ = ["q_sample", "ddim_step", "ddpm_step", "hybrid_loss", "group_norm_act", "which_impl", "fused_available", "check_seed",
            "check_first_row", "Impl"]
 
 
@@ -231,6 +233,57 @@ def hybrid_loss(model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
                                  int(variance_type))
 
 
+def group_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], num_groups: int,
+                   *, eps: float = 1e-5, scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
+                   silu: bool = False, impl: Impl = "auto") -> torch.Tensor:
+    """GroupNorm, then the optional per-sample scale-shift and SiLU, in two passes over memory.
+
+    y = (x - mean_bg) / sqrt(var_bg + eps) * weight[c] + bias[c] (mean and biased variance over the C / num_groups
+    channels of group g and every spatial position of image b, as ``torch.nn.functional.group_norm``);
+    y = y * (1 + scale[b, c]) + shift[b, c] when given; y = y * sigmoid(y) when ``silu``.
+
+    Args: x ``[B, C, *spatial]`` (float32, float64, bfloat16, float16; contiguous or channels_last, other strides
+    are made contiguous first); weight, bias ``[C]`` or None; num_groups a positive divisor of C; eps a finite
+    float > 0; scale, shift ``[B, C]`` or None. weight, bias, scale and shift are float32 or x's dtype.
+    Returns y like x (its dtype; channels_last for a channels_last 4-D x, else contiguous). Statistics and
+    arithmetic in float32 (float64 for float64 x). Differentiable in x, weight, bias, scale and shift.
+    """
+    silu = V.check_flag("silu", silu)
+    eps = check_group_norm_args(x, weight, bias, num_groups, eps, scale, shift)
+    fn = torch.ops.diffcore.group_norm_act if which_impl(x, impl) == "fused" else reference.group_norm_act
+    return fn(x, weight, bias, num_groups, eps, scale, shift, silu)
+
+
+def check_group_norm_args(x, weight, bias, num_groups, eps, scale, shift, *,
+                          errors: V.Errors = V.python_errors) -> float:
+    """What ``group_norm_act`` (and the C++ op) checks; returns eps as a float."""
+    V.check_float("x", x, errors=errors)
+    errors(x.dim() >= 2, ValueError,
+           lambda: f"x: expected a tensor [B, C, *spatial] with at least 2 dimensions, got shape {tuple(x.shape)}")
+    channels = x.shape[1]
+    errors(isinstance(num_groups, int) and not isinstance(num_groups, bool), TypeError,
+           lambda: f"num_groups: expected an int, got {type(num_groups).__name__}")
+    errors(num_groups >= 1 and channels % num_groups == 0, ValueError,
+           lambda: f"num_groups: expected a positive divisor of the {channels} channels of x, got {num_groups}")
+    errors(isinstance(eps, (int, float)) and not isinstance(eps, bool), TypeError,
+           lambda: f"eps: expected a float, got {type(eps).__name__}")
+    errors(eps > 0 and math.isfinite(eps), ValueError, lambda: f"eps: expected a finite float > 0, got {eps}")
+    for name, param, shape, text in (("weight", weight, (channels,), "[C], C = x.shape[1]"),
+                                     ("bias", bias, (channels,), "[C], C = x.shape[1]"),
+                                     ("scale", scale, (x.shape[0], channels), "[B, C] of x"),
+                                     ("shift", shift, (x.shape[0], channels), "[B, C] of x")):
+        if param is None:
+            continue
+        errors(isinstance(param, torch.Tensor), TypeError,
+               lambda: f"{name}: expected a torch.Tensor or None, got {type(param).__name__}")
+        errors(param.dtype in (torch.float32, x.dtype), TypeError,
+               lambda: f"{name}: expected dtype float32 or {x.dtype} (that of x), got {param.dtype}")
+        errors(tuple(param.shape) == shape, ValueError,
+               lambda: f"{name}: expected shape {shape} ({text}), got {tuple(param.shape)}")
+        V.check_device(name, param, "x", x, errors=errors)
+    return float(eps)
+
+
 # ---------------------------------------------------------------- fake implementations and autograd
 
 HYBRID_LOSS_GRADIENTS = (
@@ -317,6 +370,11 @@ def _fake_hybrid_loss_backward(grad_mse, grad_vb, model_output, x0, x_t, noise, 
     return _like_kernel(model_output)
 
 
+def _fake_group_norm_act(x, weight, bias, num_groups, eps, scale, shift, silu):
+    check_group_norm_args(x, weight, bias, num_groups, eps, scale, shift, errors=V.torch_errors)
+    return _like_kernel(x)
+
+
 def _save_inputs(ctx, inputs, output) -> None:
     """setup_context of the reference-backed backward: keep every input (tensors saved, the rest on ctx)."""
     ctx.save_for_backward(*(a if isinstance(a, torch.Tensor) else None for a in inputs))
@@ -342,7 +400,7 @@ def _reference_backward(name: str):
 
     def backward(ctx, *grad_outputs):
         inputs = [s if s is not None else o for s, o in zip(ctx.saved_tensors, ctx.non_tensors)]
-        if name != "q_sample":
+        if name in ("ddim_step", "ddpm_step"):
             inputs = _skip_noise_draw(name, inputs, ctx.needs_input_grad)
         return reference.autograd.reference_vjp(reference_fn, inputs, ctx.needs_input_grad, grad_outputs)
     return backward
@@ -370,16 +428,17 @@ def _register_fake_and_autograd() -> None:
 
     The fake ones check what the C++ ops check (devices, shapes, dtypes, enum values; not timestep values, which
     a fake tensor does not have) through the same functions as the wrappers. The backward of q_sample,
-    ddim_step and ddpm_step is that of the reference (``diffcore.reference.autograd``); hybrid_loss has a fused
+    ddim_step, ddpm_step and group_norm_act is that of the reference (``diffcore.reference.autograd``); hybrid_loss has a fused
     backward kernel for model_output and refuses to differentiate the rest.
     """
     if extension.load() is None:
         return
     fakes = {"q_sample": _fake_q_sample, "ddim_step": _fake_ddim_step, "ddpm_step": _fake_ddpm_step,
-             "hybrid_loss": _fake_hybrid_loss, "hybrid_loss_backward": _fake_hybrid_loss_backward}
+             "hybrid_loss": _fake_hybrid_loss, "hybrid_loss_backward": _fake_hybrid_loss_backward,
+             "group_norm_act": _fake_group_norm_act}
     for name, fake in fakes.items():
         torch.library.register_fake(f"diffcore::{name}", fake)
-    for name in ("q_sample", "ddim_step", "ddpm_step"):
+    for name in ("q_sample", "ddim_step", "ddpm_step", "group_norm_act"):
         torch.library.register_autograd(f"diffcore::{name}", _reference_backward(name),
                                         setup_context=_save_inputs)
     torch.library.register_autograd("diffcore::hybrid_loss", _hybrid_backward, setup_context=_hybrid_setup_context)

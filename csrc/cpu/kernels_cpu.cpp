@@ -268,9 +268,275 @@ bool hybrid_loss_backward(const HybridLossArgs& a, const Parallel& parallel) {
   });
 }
 
+// ---- group_norm_act ----
+//
+// Parallel over the flattened (image, group) index; a task takes a run of groups of one image at a time. Both
+// passes go through two micro-kernels over "rows" of W = kNormWidth values (row r at x + r * stride): W
+// consecutive values of an NCHW group (stride W), or W channels of one position in channels_last (stride C).
+// W is a compile-time constant, so each row is one or two vector registers on AVX-512 (more on AVX2 and SSE2) and
+// the accumulators stay in registers. Sums of (x - pivot) and (x - pivot)^2 (pivot, formulas.h: the group's first
+// value in NCHW, each channel's first value in channels_last) are float for kNormRows rows, then double; the
+// moments are merged in double and folded into per-channel (pivot, mean, a, d); the second pass writes
+// y = silu(((x - pivot) - mean) a + d).
+
+constexpr int kNormWidth = 16;      // values per row
+constexpr int64_t kNormRows = 64;   // rows per float partial sum
+
+// The micro-kernels below must vectorize over the W values of a row, never across rows: GCC, given a constant
+// stride (an NCHW plane's W) through a cloned copy, vectorizes the row loop instead, with transposing permutes
+// (several times slower). Neither inlined nor cloned, they keep the stride a run-time value.
+#if defined(__GNUC__) && !defined(__clang__)
+#define DC_ROW_KERNEL __attribute__((noinline, noclone))
+#else
+#define DC_ROW_KERNEL __attribute__((noinline))
+#endif
+
+// The scratch of image b (GroupNormArgs::workspace): per-channel double sums, then acc_t arrays.
+template <typename acc_t>
+struct NormWork {
+  double* sum;
+  double* sum_sq;
+  acc_t* pivot;
+  acc_t* mean;
+  acc_t* a;
+  acc_t* d;
+};
+
+template <typename acc_t>
+NormWork<acc_t> norm_work(const GroupNormArgs& a, int64_t b) {
+  static_assert(sizeof(acc_t) <= sizeof(double), "four acc_t arrays fit in four double arrays");
+  static_assert(kGroupNormWorkDoubles == 6, "two double arrays and four acc_t arrays of C values per image");
+  const int64_t C = a.channels;
+  double* base = a.workspace + b * C * kGroupNormWorkDoubles;
+  acc_t* r = reinterpret_cast<acc_t*>(base + 2 * C);
+  return NormWork<acc_t>{base, base + C, r, r + C, r + 2 * C, r + 3 * C};
+}
+
+// Adds the shifted sums of `rows` rows of W values (lane k against pivot[k]) to sum[k] and sum_sq[k].
+template <int W, typename scalar_t, typename acc_t>
+DC_ROW_KERNEL void shifted_sums(const scalar_t* __restrict__ x, int64_t stride, int64_t rows, const acc_t* pivot_in,
+                  double* __restrict__ sum, double* __restrict__ sum_sq) {
+  acc_t pivot[W];
+  for (int k = 0; k < W; ++k) pivot[k] = pivot_in[k];
+  for (int64_t r0 = 0; r0 < rows; r0 += kNormRows) {
+    const int64_t r1 = min64(r0 + kNormRows, rows);
+    acc_t s[W] = {}, q[W] = {};
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* __restrict__ xr = x + r * stride;
+      for (int k = 0; k < W; ++k) {
+        const acc_t v = static_cast<acc_t>(xr[k]) - pivot[k];
+        s[k] += v;
+        q[k] += v * v;
+      }
+    }
+    for (int k = 0; k < W; ++k) {
+      sum[k] += (double)s[k];
+      sum_sq[k] += (double)q[k];
+    }
+  }
+}
+
+// out = silu(((x - pivot) - mean) a + d) over `rows` rows of W values, lane k with coefficients [k].
+template <int W, typename scalar_t, typename acc_t, typename SILU>
+DC_ROW_KERNEL void apply_rows(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t stride, int64_t rows,
+                const acc_t* pivot_in, const acc_t* mean_in, const acc_t* a_in, const acc_t* d_in) {
+  acc_t pivot[W], mean[W], ca[W], cd[W];
+  for (int k = 0; k < W; ++k) {
+    pivot[k] = pivot_in[k];
+    mean[k] = mean_in[k];
+    ca[k] = a_in[k];
+    cd[k] = d_in[k];
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* __restrict__ xr = x + r * stride;
+    scalar_t* __restrict__ outr = out + r * stride;
+    for (int k = 0; k < W; ++k) {
+      outr[k] = static_cast<scalar_t>(
+          group_norm_act_value<acc_t>(SILU(), pivot[k], mean[k], ca[k], cd[k], static_cast<acc_t>(xr[k])));
+    }
+  }
+}
+
+// NCHW: out = silu(((x - pivot) - mean) a + d) over `rows` rows of W consecutive values (x, out: the first row),
+// the first row starting at value `first` of a run of planes of S >= W values. Lane k takes the coefficients of
+// its own channel (arrays over the run's channels, the last one `last_channel`): a row spans at most two planes,
+// so each lane selects between two channels.
+template <int W, typename scalar_t, typename acc_t, typename SILU>
+DC_ROW_KERNEL void apply_plane_rows(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t first,
+                                    int64_t rows, int64_t S, int64_t last_channel, const acc_t* pivot,
+                                    const acc_t* mean, const acc_t* a, const acc_t* d) {
+  int64_t c = first / S, plane_end = (c + 1) * S;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t pos = first + r * W;
+    if (pos >= plane_end) {
+      ++c;
+      plane_end += S;
+    }
+    const int64_t split = plane_end - pos;  // lanes from here on belong to channel c + 1
+    const int64_t c1 = c < last_channel ? c + 1 : c;
+    const acc_t p0 = pivot[c], p1 = pivot[c1], m0 = mean[c], m1 = mean[c1];
+    const acc_t a0 = a[c], a1 = a[c1], d0 = d[c], d1 = d[c1];
+    const scalar_t* __restrict__ xr = x + r * W;
+    scalar_t* __restrict__ outr = out + r * W;
+    for (int k = 0; k < W; ++k) {
+      const bool second = k >= split;
+      outr[k] = static_cast<scalar_t>(group_norm_act_value<acc_t>(
+          SILU(), second ? p1 : p0, second ? m1 : m0, second ? a1 : a0, second ? d1 : d0,
+          static_cast<acc_t>(xr[k])));
+    }
+  }
+}
+
+// Folds the moments of group g of image b with weight, bias, scale and shift into the per-channel coefficients
+// (w.pivot must hold the channels' pivots).
+template <typename acc_t>
+void finish_group(const GroupNormArgs& a, const NormWork<acc_t>& w, int64_t b, int64_t g, const Moments& m) {
+  const int64_t per_group = a.channels / a.groups;
+  const acc_t* weight = static_cast<const acc_t*>(a.weight);
+  const acc_t* bias = static_cast<const acc_t*>(a.bias);
+  const acc_t* scale = a.scale ? static_cast<const acc_t*>(a.scale) + b * a.channels : nullptr;
+  const acc_t* shift = a.shift ? static_cast<const acc_t*>(a.shift) + b * a.channels : nullptr;
+  const GroupStats stats = group_stats(m, a.eps);
+  for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+    const GroupNormCoeffs<acc_t> k = group_norm_coeffs<acc_t>(
+        stats, w.pivot[c], weight ? weight[c] : (acc_t)1, bias ? bias[c] : (acc_t)0, scale ? scale[c] : (acc_t)0,
+        shift ? shift[c] : (acc_t)0);
+    w.mean[c] = k.mean;
+    w.a[c] = k.a;
+    w.d[c] = k.d;
+  }
+}
+
+// Runs f(Int<w>{}, first, count) over [0, n) in pieces of `count` rows of w values: rows of W values, then of 16
+// (when W > 16), then single values; pieces without rows are skipped. W is 32 for 16-bit storage (one 64-byte
+// vector of it), 16 otherwise.
+template <typename scalar_t, typename F>
+void for_each_width(int64_t n, F&& f) {
+  constexpr int W = sizeof(scalar_t) == 2 ? 2 * kNormWidth : kNormWidth;
+  const int64_t wide = n / W * W, narrow = wide + (n - wide) / kNormWidth * kNormWidth;
+  if (wide > 0) f(Int<W>{}, (int64_t)0, wide / W);
+  if (W > kNormWidth && narrow > wide) f(Int<kNormWidth>{}, wide, (narrow - wide) / kNormWidth);
+  if (n > narrow) f(Int<1>{}, narrow, n - narrow);
+}
+
+// NCHW: groups [g0, g1) of image b (a run of contiguous planes). A group's C/G planes are one contiguous run of
+// values: its sums take one pivot (the group's first value) over the whole run. The second pass goes over the
+// whole run of planes in rows of W (apply_plane_rows), then a padded row for the rest.
+template <typename scalar_t, typename acc_t, typename SILU>
+void group_norm_nchw(const GroupNormArgs& a, int64_t b, int64_t g0, int64_t g1) {
+  constexpr int kMax = 2 * kNormWidth;
+  const int64_t S = a.spatial, per_group = a.channels / a.groups;
+  const NormWork<acc_t> w = norm_work<acc_t>(a, b);
+  for (int64_t g = g0; g < g1; ++g) {
+    const scalar_t* xg = static_cast<const scalar_t*>(a.x) + (b * a.channels + g * per_group) * S;
+    acc_t pivot[kMax];
+    double sum[kMax] = {}, sum_sq[kMax] = {};
+    fill(pivot, kMax, static_cast<acc_t>(xg[0]));
+    for_each_width<scalar_t>(per_group * S, [&](auto width, int64_t first, int64_t rows) {
+      shifted_sums<decltype(width)::value>(xg + first, decltype(width)::value, rows, pivot, sum, sum_sq);
+    });
+    double total = 0.0, total_sq = 0.0;
+    for (int k = 0; k < kMax; ++k) {
+      total += sum[k];
+      total_sq += sum_sq[k];
+    }
+    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) w.pivot[c] = pivot[0];
+    finish_group<acc_t>(a, w, b, g, moments_from_shifted_sums((double)(per_group * S), (double)pivot[0], total,
+                                                              total_sq));
+  }
+  // second pass over the run of planes of groups [g0, g1)
+  constexpr int W = sizeof(scalar_t) == 2 ? 2 * kNormWidth : kNormWidth;
+  const int64_t c0 = g0 * per_group, c1 = g1 * per_group, n = (c1 - c0) * S;
+  const scalar_t* x = static_cast<const scalar_t*>(a.x) + (b * a.channels + c0) * S;
+  scalar_t* out = static_cast<scalar_t*>(a.out) + (b * a.channels + c0) * S;
+  if (S >= W) {
+    const int64_t body = n / W * W, tail = n - body;
+    const int64_t last = c1 - c0 - 1;
+    apply_plane_rows<W, scalar_t, acc_t, SILU>(x, out, 0, n / W, S, last, w.pivot + c0, w.mean + c0, w.a + c0,
+                                               w.d + c0);
+    if (tail > 0) {  // one more vector row through a padded copy (cheaper than tail values one at a time)
+      scalar_t in_row[W], out_row[W];
+      for (int k = 0; k < W; ++k) in_row[k] = x[body + (k < tail ? k : 0)];
+      apply_plane_rows<W, scalar_t, acc_t, SILU>(in_row, out_row, body, 1, S, last, w.pivot + c0, w.mean + c0,
+                                                 w.a + c0, w.d + c0);
+      for (int64_t k = 0; k < tail; ++k) out[body + k] = out_row[k];
+    }
+  } else {  // planes smaller than a row: one value at a time
+    for (int64_t c = 0; c < c1 - c0; ++c) {
+      apply_rows<1, scalar_t, acc_t, SILU>(x + c * S, out + c * S, 1, S, w.pivot + c0 + c, w.mean + c0 + c,
+                                           w.a + c0 + c, w.d + c0 + c);
+    }
+  }
+}
+
+// channels_last: channels [g0 C/G, g1 C/G) of image b at every position, in blocks of channels (rows of stride C,
+// for_each_width over the channels).
+template <typename scalar_t, typename acc_t, typename SILU>
+void group_norm_nhwc(const GroupNormArgs& a, int64_t b, int64_t g0, int64_t g1) {
+  const int64_t S = a.spatial, C = a.channels, per_group = C / a.groups;
+  const int64_t c0 = g0 * per_group, n = (g1 - g0) * per_group;
+  const NormWork<acc_t> w = norm_work<acc_t>(a, b);
+  const scalar_t* x = static_cast<const scalar_t*>(a.x) + b * S * C + c0;
+  scalar_t* out = static_cast<scalar_t*>(a.out) + b * S * C + c0;
+  acc_t* pivot = w.pivot + c0;
+  double* sum = w.sum + c0;
+  double* sum_sq = w.sum_sq + c0;
+  for (int64_t c = 0; c < n; ++c) {
+    pivot[c] = static_cast<acc_t>(x[c]);
+    sum[c] = 0.0;
+    sum_sq[c] = 0.0;
+  }
+  for_each_width<scalar_t>(n, [&](auto width, int64_t first, int64_t blocks) {
+    constexpr int kW = decltype(width)::value;
+    for (int64_t c = first; c < first + blocks * kW; c += kW) {
+      shifted_sums<kW>(x + c, C, S, pivot + c, sum + c, sum_sq + c);
+    }
+  });
+  for (int64_t g = g0; g < g1; ++g) {
+    Moments m{0.0, 0.0, 0.0};
+    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+      m = merge_moments(m, moments_from_shifted_sums((double)S, (double)w.pivot[c], w.sum[c], w.sum_sq[c]));
+    }
+    finish_group<acc_t>(a, w, b, g, m);
+  }
+  const acc_t* mean = w.mean + c0;
+  const acc_t* ca = w.a + c0;
+  const acc_t* cd = w.d + c0;
+  for_each_width<scalar_t>(n, [&](auto width, int64_t first, int64_t blocks) {
+    constexpr int kW = decltype(width)::value;
+    for (int64_t c = first; c < first + blocks * kW; c += kW) {
+      apply_rows<kW, scalar_t, acc_t, SILU>(x + c, out + c, C, S, pivot + c, mean + c, ca + c, cd + c);
+    }
+  });
+}
+
+bool group_norm_act(const GroupNormArgs& a, const Parallel& parallel) {
+  if (a.groups <= 0 || a.channels % a.groups != 0 || a.workspace == nullptr) return false;
+  return dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
+    using scalar_t = typename decltype(scalar_tag)::type;
+    using acc_t = acc_type<scalar_t>;
+    return dispatch_bool(a.silu, [&](auto SILU) {
+      const int64_t G = a.groups, group_numel = (a.channels / G) * a.spatial;
+      const int64_t grain = group_numel >= kGrain ? 1 : kGrain / (group_numel > 0 ? group_numel : 1);
+      parallel_for(parallel, a.batch * G, grain, [&](int64_t begin, int64_t end) {
+        while (begin < end) {
+          const int64_t b = begin / G, g0 = begin % G, g1 = min64(G, g0 + (end - begin));
+          if (a.channels_last) {
+            group_norm_nhwc<scalar_t, acc_t, decltype(SILU)>(a, b, g0, g1);
+          } else {
+            group_norm_nchw<scalar_t, acc_t, decltype(SILU)>(a, b, g0, g1);
+          }
+          begin += g1 - g0;
+        }
+      });
+      return true;
+    });
+  });
+}
+
 // Constant-initialized (no code runs at load time).
 constexpr Kernels kKernels{DIFFCORE_CPU_ISA_NAME, q_sample, ddim_step, ddpm_step, hybrid_loss_forward,
-                           hybrid_loss_backward};
+                           hybrid_loss_backward, group_norm_act};
 
 }  // namespace
 

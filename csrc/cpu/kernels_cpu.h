@@ -29,6 +29,7 @@ struct Kernels {
   bool (*ddpm_step)(const DdpmStepArgs&, const Parallel&);
   bool (*hybrid_loss_forward)(const HybridLossArgs&, const Parallel&);
   bool (*hybrid_loss_backward)(const HybridLossArgs&, const Parallel&);
+  bool (*group_norm_act)(const GroupNormArgs&, const Parallel&);
 };
 
 namespace isa_baseline {

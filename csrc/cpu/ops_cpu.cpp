@@ -92,13 +92,19 @@ void hybrid_loss_backward_cpu(const HybridLossArgs& a) {
   check_ran(selected().hybrid_loss_backward(a, kParallel), "hybrid_loss_backward");
 }
 
+void group_norm_act_cpu(const GroupNormArgs& a) {
+  check_ran(selected().group_norm_act(a, kParallel), "group_norm_act");
+}
+
 const Backend kCpuBackend{"cpu",
                           true,
                           q_sample_cpu,
                           ddim_step_cpu,
                           ddpm_step_cpu,
                           hybrid_loss_forward_cpu,
-                          hybrid_loss_backward_cpu};
+                          hybrid_loss_backward_cpu,
+                          group_norm_act_cpu,
+                          true};
 
 struct CpuTraits {
   static const Backend& backend() { return kCpuBackend; }

@@ -105,6 +105,84 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// ---- group_norm_act: one block per (image, group), a grid-stride loop over them ----
+
+__device__ __forceinline__ Moments warp_merge(Moments m) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    Moments other;
+    other.n = __shfl_down_sync(0xffffffffu, m.n, offset);
+    other.mean = __shfl_down_sync(0xffffffffu, m.mean, offset);
+    other.m2 = __shfl_down_sync(0xffffffffu, m.m2, offset);
+    m = merge_moments(m, other);
+  }
+  return m;  // complete in lane 0
+}
+
+// Item i of group g (0 <= i < C/G * S) sits at offset group_offset(i) of the image and belongs to channel
+// g C/G + i / S (NCHW: the group's planes are consecutive) or g C/G + i % (C/G) (channels_last).
+struct GroupIndex {
+  int64_t channels, per_group, spatial;
+  bool channels_last;
+
+  __device__ __forceinline__ int64_t channel(int64_t g, int64_t i) const {
+    return g * per_group + (channels_last ? i % per_group : i / spatial);
+  }
+  __device__ __forceinline__ int64_t offset(int64_t g, int64_t i) const {
+    return channels_last ? (i / per_group) * channels + g * per_group + i % per_group : g * per_group * spatial + i;
+  }
+};
+
+template <typename scalar_t, bool SILU>
+__global__ void __launch_bounds__(kMaxThreads) group_norm_act_kernel(const GroupNormArgs a) {
+  using acc_t = acc_type<scalar_t>;
+  __shared__ Moments warp_moments[kMaxThreads / 32];
+  __shared__ GroupStats stats;
+  const int lane = (int)(threadIdx.x & 31), warp = (int)(threadIdx.x >> 5);
+  const GroupIndex index{a.channels, a.channels / a.groups, a.spatial, a.channels_last};
+  const int64_t count = index.per_group * a.spatial;
+  const acc_t* weight = static_cast<const acc_t*>(a.weight);
+  const acc_t* bias = static_cast<const acc_t*>(a.bias);
+  for (int64_t bg = blockIdx.x; bg < a.batch * a.groups; bg += gridDim.x) {
+    const int64_t b = bg / a.groups, g = bg % a.groups;
+    const scalar_t* x = static_cast<const scalar_t*>(a.x) + b * a.channels * a.spatial;
+    scalar_t* out = static_cast<scalar_t*>(a.out) + b * a.channels * a.spatial;
+    const acc_t* scale = a.scale ? static_cast<const acc_t*>(a.scale) + b * a.channels : nullptr;
+    const acc_t* shift = a.shift ? static_cast<const acc_t*>(a.shift) + b * a.channels : nullptr;
+    const acc_t pivot = to_acc<acc_t>(x[index.offset(g, 0)]);
+    acc_t sum = 0, sum_sq = 0;
+    int64_t n = 0;
+    for (int64_t i = threadIdx.x; i < count; i += blockDim.x, ++n) {
+      const acc_t v = to_acc<acc_t>(x[index.offset(g, i)]) - pivot;
+      sum += v;
+      sum_sq += v * v;
+    }
+    Moments m{0.0, 0.0, 0.0};
+    if (n > 0) m = moments_from_shifted_sums((double)n, (double)pivot, (double)sum, (double)sum_sq);
+    m = warp_merge(m);
+    if (lane == 0) warp_moments[warp] = m;
+    __syncthreads();
+    if (warp == 0) {
+      const int warps = (int)(blockDim.x >> 5);
+      Moments mine{0.0, 0.0, 0.0};
+      if (lane < warps) mine = warp_moments[lane];
+      mine = warp_merge(mine);
+      if (lane == 0) stats = group_stats(mine, a.eps);
+    }
+    __syncthreads();
+    const GroupStats s = stats;
+    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+      const int64_t c = index.channel(g, i), at = index.offset(g, i);
+      const GroupNormCoeffs<acc_t> k = group_norm_coeffs<acc_t>(
+          s, pivot, weight ? weight[c] : (acc_t)1, bias ? bias[c] : (acc_t)0, scale ? scale[c] : (acc_t)0,
+          shift ? shift[c] : (acc_t)0);
+      out[at] = from_acc<scalar_t, acc_t>(group_norm_act_value<acc_t>(SILU, k.pivot, k.mean, k.a, k.d,
+                                                                        to_acc<acc_t>(x[at])));
+    }
+    __syncthreads();  // stats and warp_moments are free again
+  }
+}
+
 // Runs an op on the device: the Exec policy of the run_* functions in kernel_ops.cuh.
 struct DeviceExec {
   cudaStream_t stream;
@@ -145,6 +223,21 @@ struct DeviceExec {
 };
 
 }  // namespace
+
+cudaError_t group_norm_act(const GroupNormArgs& args, cudaStream_t stream) {
+  if (args.groups <= 0 || args.channels % args.groups != 0) return cudaErrorInvalidValue;
+  const int64_t blocks = args.batch * args.groups;
+  if (blocks == 0 || args.spatial == 0 || args.channels == 0) return cudaSuccess;
+  return dispatch_dtype<CudaTypes>(args.dtype, [&](auto scalar_tag) {
+    using scalar_t = typename decltype(scalar_tag)::type;
+    if (args.silu) {
+      group_norm_act_kernel<scalar_t, true><<<grid_for(blocks), kMaxThreads, 0, stream>>>(args);
+    } else {
+      group_norm_act_kernel<scalar_t, false><<<grid_for(blocks), kMaxThreads, 0, stream>>>(args);
+    }
+    return cudaGetLastError();
+  });
+}
 
 cudaError_t q_sample(const QSampleArgs& args, cudaStream_t stream) { return run_q_sample(args, DeviceExec{stream}); }
 

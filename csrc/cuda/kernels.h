@@ -36,5 +36,9 @@ cudaError_t hybrid_loss_forward(const HybridLossArgs& args, void* workspace, cud
 // Gradients with respect to the prediction and variance outputs (elementwise).
 cudaError_t hybrid_loss_backward(const HybridLossArgs& args, cudaStream_t stream);
 
+// GroupNorm + per-sample scale-shift + optional SiLU: one block per (image, group), two passes over the group's
+// values (shifted sums merged in double, then the elementwise formula of formulas.h).
+cudaError_t group_norm_act(const GroupNormArgs& args, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace diffcore

@@ -44,13 +44,19 @@ void hybrid_loss_backward_cuda(const HybridLossArgs& a) {
   check_launch("hybrid_loss_backward", cuda::hybrid_loss_backward(a, current_stream()));
 }
 
+void group_norm_act_cuda(const GroupNormArgs& a) {
+  check_launch("group_norm_act", cuda::group_norm_act(a, current_stream()));
+}
+
 const Backend kCudaBackend{"cuda",
                            false,  // reading t's values would sync with the host; the Python wrapper checks them
                            q_sample_cuda,
                            ddim_step_cuda,
                            ddpm_step_cuda,
                            hybrid_loss_forward_cuda,
-                           hybrid_loss_backward_cuda};
+                           hybrid_loss_backward_cuda,
+                           group_norm_act_cuda,
+                           false};  // one block per (image, group) reduces in shared memory: no workspace
 
 struct CudaTraits {
   static const Backend& backend() { return kCudaBackend; }
