@@ -193,7 +193,10 @@ def test_sample_defaults_to_auto_precision(one_thread, cpu):
     plain = diffcore.sample(recording, **kw)
     assert set(seen) == {torch.float32}
     assert torch.equal(plain, diffcore.sample(model, precision="fp32", **kw))
-    assert 0 < (fast - plain).abs().max() < 0.1
+    # bf16 changes the images a little; a few pixels may fork (x0 is amplified ~1/sqrt(alpha_bar) at the first step
+    # and then clipped), as measured on the packaged model (bench/RESULTS.md), so bound the mean and the share
+    difference = (fast - plain).abs()
+    assert 0 < difference.mean() < 0.05 and (difference > 0.1).float().mean() < 0.05
     assert runtime.SAMPLE_PRECISION == "auto" and runtime.DEFAULT_PRECISION == "fp32"
     assert inspect.signature(restore.restore).parameters["precision"].default == "fp32"
     assert inspect.signature(evaluate.evaluate_model).parameters["precision"].default == "fp32"

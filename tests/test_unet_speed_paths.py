@@ -188,3 +188,35 @@ def test_bf16_autocast_forward_close_to_fp32(one_thread):
     err = (low.double() - exact).norm() / exact.norm()
     err_plain = (plain.double() - exact).norm() / exact.norm()
     assert 2.0**-9 / 20 < err <= 2 * err_plain + 2.0**-9
+
+
+@pytest.mark.parametrize("channels_last_input", [False, True])
+def test_inference_runs_fused_group_norm_in_channels_last(one_thread, monkeypatch, channels_last_input):
+    """Without autograd on a CPU with the kernels, every GroupNorm is the fused op on NHWC activations, and the
+    output comes back in the input's layout; with autograd on, none is (training keeps torch's GroupNorm)."""
+    if not diffcore.ops.fused_available("cpu"):
+        pytest.skip("the fused kernels are not built")
+    model = random_model(6, in_channels=3)
+    calls = []
+    fused = diffcore.ops.group_norm_act
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return fused(x, *args, **kwargs)
+
+    monkeypatch.setattr(diffcore.ops, "group_norm_act", spy)
+    torch.manual_seed(7)
+    x = torch.randn(4, 3, 8, 8)
+    if channels_last_input:
+        x = x.contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (4,))
+    with torch.no_grad():
+        got = model(x, t)
+        ref = reference_forward(model, x.contiguous(), t)
+    norms = sum(isinstance(m, GroupNorm32) for m in model.modules())
+    assert len(calls) == norms and all(calls)
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last_input else torch.contiguous_format)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    calls.clear()
+    model(x, t)
+    assert calls == []

@@ -5,9 +5,11 @@ All blocks take and return ``[B, C, H, W]`` tensors in any memory format (channe
 keeps it) and any float dtype; under ``torch.autocast`` convs, linears and attention run in the low precision
 while GroupNorm statistics and the timestep embedding stay in float32.
 
-Speed (inference): when autograd is off (``torch.no_grad`` / ``inference_mode``) SiLU, the scale-shift and the
-residual add run in place on fresh intermediates, which saves an allocation (and its page faults) per op without
-changing a value; with autograd on the same ops run out of place.
+Speed (inference): when autograd is off (``torch.no_grad`` / ``inference_mode``) on a CPU with diffcore's
+kernels built, each GroupNorm with what follows it (the scale-shift, SiLU) is one fused op
+(:func:`diffcore.ops.group_norm_act`, two passes over memory in either layout, float32 statistics), and the
+residual add runs in place; with autograd on, or on other devices, the same formulas run as separate torch ops
+(:meth:`GroupNorm32.act`). The fused op's float32 arithmetic equals the separate ops' to float32 rounding.
 """
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from .config import UNetConfig
 
-__all__ = ["timestep_embedding", "GroupNorm32", "Downsample", "Upsample", "ResBlock", "AttentionBlock",
-           "EmbedSequential", "zero_module"]
+__all__ = ["timestep_embedding", "GroupNorm32", "fused_group_norm", "Downsample", "Upsample", "ResBlock",
+           "AttentionBlock", "EmbedSequential", "zero_module"]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -59,7 +62,7 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
 
 
-def silu(x: torch.Tensor) -> torch.Tensor:
+def silu_of_fresh(x: torch.Tensor) -> torch.Tensor:
     """SiLU, in place on ``x`` when autograd is off (``x`` must then be a fresh intermediate)."""
     return F.silu(x, inplace=not torch.is_grad_enabled())
 
@@ -81,6 +84,31 @@ class GroupNorm32(nn.GroupNorm):
         if weight is not None and weight.dtype != xf.dtype:
             weight, bias = weight.to(xf.dtype), bias.to(xf.dtype)
         return F.group_norm(xf, self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+    def act(self, x: torch.Tensor, *, scale: "torch.Tensor | None" = None, shift: "torch.Tensor | None" = None,
+            silu: bool = False) -> torch.Tensor:
+        """``GN(x) * (1 + scale) + shift``, then SiLU when ``silu``: ``[B, C, H, W] -> [B, C, H, W]`` in x's dtype
+        and memory format. ``scale``, ``shift``: ``[B, C]`` per-image factors (both or neither).
+
+        One fused op (:func:`diffcore.ops.group_norm_act`) when autograd is off and x is on a CPU with diffcore's
+        kernels built; separate torch ops otherwise (the scale-shift and SiLU in place when autograd is off).
+        """
+        if fused_group_norm(x) and self.weight is not None:
+            return ops.group_norm_act(x, self.weight, self.bias, self.num_groups, eps=self.eps, scale=scale,
+                                      shift=shift, silu=silu)
+        h = self(x)
+        if scale is not None:
+            h = torch.addcmul(shift[:, :, None, None], h, 1 + scale[:, :, None, None])
+        return silu_of_fresh(h) if silu else h
+
+
+def fused_group_norm(x: torch.Tensor) -> bool:
+    """Whether :meth:`GroupNorm32.act` runs the fused op for ``x``: autograd off, x on a CPU, kernels built.
+
+    GPUs keep torch's GroupNorm, SiLU and addcmul kernels: the fused op's CUDA kernel has not run on a GPU yet, so
+    the U-Net does not use it there until it has been measured (see issue 16).
+    """
+    return not torch.is_grad_enabled() and x.device.type == "cpu" and ops.fused_available("cpu")
 
 
 def normalization(config: UNetConfig, channels: int) -> GroupNorm32:
@@ -141,17 +169,17 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = silu(self.in_norm(x))
+        h = self.in_norm.act(x, silu=True)
         if self.resample is not None:
             h, x = self.resample(h), self.resample(x)
         h = self.in_conv(h)
-        e = self.emb_proj(F.silu(emb)).to(h.dtype)[:, :, None, None]
+        e = self.emb_proj(F.silu(emb)).to(h.dtype)
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
-            h = torch.addcmul(shift, self.out_norm(h), 1 + scale)
+            h = self.out_norm.act(h, scale=scale, shift=shift, silu=True)
         else:
-            h = self.out_norm(h + e)
-        h = self.out_conv(self.dropout(silu(h)))
+            h = self.out_norm.act(h + e[:, :, None, None], silu=True)
+        h = self.out_conv(self.dropout(h))
         skip = self.skip(x)
         if torch.is_grad_enabled() or skip.dtype != h.dtype:
             return skip + h
@@ -177,7 +205,7 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, T, C]; a view for channels_last input
+        tokens = self.norm.act(x).flatten(2).transpose(1, 2)  # [B, T, C]; a view for channels_last input
         qkv = self.qkv(tokens).unflatten(-1, (3, self.num_heads, c // self.num_heads))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, T, d]
         out = F.scaled_dot_product_attention(q, k, v)

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .blocks import (AttentionBlock, Downsample, EmbedSequential, ResBlock, Upsample, conv3x3, normalization,
-                        timestep_embedding, zero_module)
+from .blocks import (AttentionBlock, Downsample, EmbedSequential, ResBlock, Upsample, conv3x3, fused_group_norm,
+                     normalization, timestep_embedding, zero_module)
 from .config import UNetConfig
 
 __all__ = ["UNet", "UNetConfig", "timestep_embedding"]
@@ -109,15 +109,23 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(self.time_embed[0].weight.dtype))
         if self.label_emb is not None:
             emb = emb + self.label_emb(y)
-        skips = []
-        h = x
-        for block in self.input_blocks:
+        # channels_last where the fused GroupNorm runs: the convs then read and write NHWC directly instead of
+        # reordering every activation to oneDNN's blocked layout and back. (Converted after the first conv: with
+        # one input channel, NCHW and NHWC strides coincide and torch would keep NCHW.)
+        fast = fused_group_norm(x)
+        h = self.input_blocks[0](x, emb)
+        if fast:
+            h = h.contiguous(memory_format=torch.channels_last)
+        skips = [h]
+        for block in self.input_blocks[1:]:
             h = block(h, emb)
             skips.append(h)
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h).to(x.dtype)
+        norm, _, conv = self.out
+        out = conv(norm.act(h, silu=True)).to(x.dtype)
+        return out.contiguous() if fast and x.is_contiguous() else out
 
     def _check_inputs(self, x, t, y) -> None:
         cfg = self.config
