@@ -22,3 +22,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny learned-variance checkpoint of 8x8 one-channel images and 10 timesteps (``helpers.tiny_checkpoint``),
+    one per test module; modules that need another size define their own ``ckpt``."""
+    from helpers import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", 8, num_timesteps=10)

@@ -19,11 +19,6 @@ SIZE = 8
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", SIZE, num_timesteps=10)
-
-
-@pytest.fixture(scope="module")
 def nan_ckpt(tmp_path_factory):
     """The tiny checkpoint with one NaN in its first weight: every sample is NaN."""
     from diffcore import checkpoint as ck

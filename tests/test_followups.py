@@ -22,7 +22,7 @@ from diffcore.diffusion import GaussianDiffusion, split_model_output
 from diffcore.samplers import ddim_sample
 from diffcore.samplers.loop import draw_seed
 from diffcore.schedules import make_schedule
-from helpers import run_cli, tiny_checkpoint
+from helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 8
@@ -106,11 +106,6 @@ def test_draw_seed_and_the_samplers_check_the_generator():
 
 
 # ------------------------------------------------------------------------------- memory checks of interpolate/invert
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", SIZE, num_timesteps=10)
-
-
 def pretend_memory(monkeypatch, total_bytes):
     """Make the physical memory diffcore reads (os.sysconf) ``total_bytes``; other sysconf names unchanged."""
     real = os.sysconf

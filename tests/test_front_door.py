@@ -17,15 +17,10 @@ from diffcore import outputs
 from diffcore.diffusion import GaussianDiffusion
 from diffcore.images import load_image, open_picture
 from diffcore.schedules import make_schedule
-from helpers import run_cli, tiny_checkpoint
+from helpers import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = 8
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", SIZE, num_timesteps=10)
 
 
 @pytest.fixture(scope="module")
