@@ -10,9 +10,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-__all__ = ["UsageError", "LoadedModel", "add_model_flags", "add_speed_flags", "add_precision_flags", "apply_threads", "resolve_device",
-           "load_model", "ddim_steps",
-           "class_labels", "add_overwrite_flag", "refuse_existing", "check_suffix", "check_output_file", "check_output_folder"]
+__all__ = ["UsageError", "LoadedModel", "add_model_flags", "add_speed_flags", "add_precision_flags", "apply_threads",
+           "resolve_device", "load_model", "ddim_steps", "class_labels", "add_overwrite_flag", "refuse_existing",
+           "check_suffix", "check_output_file", "check_output_folder"]
 
 
 class UsageError(ValueError):

@@ -55,9 +55,9 @@ from ..runtime import (DEFAULT_PRECISION, Precision, batch_slices, compile_model
 from ..samplers import SamplerName
 from .common import eval_mode, model_device
 
-__all__ = ["RESTORE_TASKS", "RESTORATION_FILES", "SSIM_WINDOW", "AutocastModel", "Restoration", "make_measurement_noise", "degraded_view", "baseline_name",
-           "restore",
-           "restoration_metrics", "write_restoration"]
+__all__ = ["RESTORE_TASKS", "RESTORATION_FILES", "SSIM_WINDOW", "AutocastModel", "Restoration",
+           "make_measurement_noise", "degraded_view", "baseline_name", "restore", "restoration_metrics",
+           "write_restoration"]
 
 #: The task names ``restore`` accepts (those of :func:`diffcore.inverse.make_operator`).
 RESTORE_TASKS: tuple[str, ...] = TASKS
