@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 __all__ = ["UsageError", "LoadedModel", "add_model_flags", "add_speed_flags", "add_precision_flags", "apply_threads",
-           "resolve_device", "load_model", "ddim_steps", "class_labels", "add_overwrite_flag", "refuse_existing",
+           "add_batch_size_flag", "batch_size_of", "resolve_device", "load_model", "ddim_steps", "class_labels", "add_overwrite_flag", "refuse_existing",
            "check_suffix", "check_output_file", "check_output_folder"]
 
 
@@ -70,7 +70,21 @@ def add_speed_flags(parser: argparse.ArgumentParser) -> None:
     from ..runtime import SAMPLE_PRECISION
 
     add_precision_flags(parser, default=SAMPLE_PRECISION)
-    parser.add_argument("--batch-size", type=int, help="images per model call (default 64 on a CPU, all on a GPU)")
+    add_batch_size_flag(parser)
+
+
+def add_batch_size_flag(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """``--batch-size``: images per model call (default :func:`diffcore.runtime.default_batch_size`); ``note`` is
+    appended to the help. Check it with :func:`batch_size_of`."""
+    parser.add_argument("--batch-size", type=int, help=f"images per model call (default 64 on a CPU, all on a "
+                        f"GPU{note})")
+
+
+def batch_size_of(args: argparse.Namespace) -> Optional[int]:
+    """``--batch-size`` checked (an int >= 1, else a UsageError), or None for the default."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    return args.batch_size
 
 
 def resolve_device(name: Optional[str]) -> torch.device:

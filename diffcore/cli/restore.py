@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..images import load_image
 from ..pipelines.restore import RESTORATION_FILES, RESTORE_TASKS, restore, write_restoration
-from .common import (UsageError, add_model_flags, add_overwrite_flag, add_precision_flags, check_output_folder,
-                     load_model, refuse_existing)
+from .common import (UsageError, add_batch_size_flag, add_model_flags, add_overwrite_flag, add_precision_flags,
+                     batch_size_of, check_output_folder, load_model, refuse_existing)
 
 _BLUR_TASKS = ("deblur-gauss", "deblur-motion")
 _DEFAULT_STEPS = 250
@@ -27,8 +27,8 @@ def register(sub) -> None:
     add_model_flags(p, steps_help=f"reverse steps of a respaced process (default {_DEFAULT_STEPS}, at most T; DPS "
                  "works best with many)")
     add_precision_flags(p, "the model's calls (the operator and the DPS step stay fp32)")
-    p.add_argument("--batch-size", type=int, help="images restored per batch (default 64 on a CPU, all on a GPU; "
-                   "the same restorations for every batch size up to float rounding, which DPS may amplify)")
+    add_batch_size_flag(p, "; the same restorations for every batch size up to float rounding, which DPS may "
+                        "amplify")
     p.add_argument("--task", required=True, metavar="TASK",
                    help=f"the degradation: one of {', '.join(RESTORE_TASKS)}")
     p.add_argument("--input", required=True, type=Path, metavar="IMAGE",
@@ -102,8 +102,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--zeta: expected a finite value >= 0, got {args.zeta}")
     if not 0 <= args.eta < float("inf"):
         raise UsageError(f"--eta: expected a finite value >= 0, got {args.eta}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    batch_size_of(args)
     if args.eta != 0 and args.sampler != "ddim":
         raise UsageError("--eta: applies to --sampler ddim")
     if not args.input.exists():

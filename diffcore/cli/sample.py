@@ -15,8 +15,8 @@ from pathlib import Path
 from ..images import encode_png, grid_png, npz_bytes, to_uint8
 from ..outputs import write_together
 from ..reference.philox import MAX_IMAGES
-from .common import (UsageError, add_model_flags, add_overwrite_flag, add_speed_flags, check_output_file,
-                     check_output_folder, load_model)
+from .common import (UsageError, add_model_flags, add_overwrite_flag, add_speed_flags, batch_size_of,
+                     check_output_file, check_output_folder, load_model)
 
 
 def register(sub) -> None:
@@ -96,8 +96,7 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"--classifier-scale: expected a finite value >= 0, got {args.classifier_scale}")
     if args.classifier is not None and args.label is None:
         raise UsageError("--classifier: needs --class K [K ...], the target label(s) of the classifier guidance")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    batch_size_of(args)
     if args.nrow is not None and args.nrow < 1:
         raise UsageError(f"--nrow: expected >= 1, got {args.nrow}")
     args.out = args.out if args.out is not None else DEFAULT_OUT[args.format]
