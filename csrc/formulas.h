@@ -376,10 +376,11 @@ DC_HD GroupNormCoeffs<acc_t> group_norm_coeffs(const GroupStats& s, acc_t pivot,
   return c;
 }
 
-template <typename acc_t>
+// kStore16: the result is stored in 16 bits (bfloat16 / float16), so the SiLU may take the short exp (dc_silu).
+template <typename acc_t, bool kStore16 = false>
 DC_HD acc_t group_norm_act_value(bool apply_silu, acc_t pivot, acc_t mean, acc_t a, acc_t d, acc_t x) {
   const acc_t y = ((x - pivot) - mean) * a + d;
-  return apply_silu ? dc_silu(y) : y;
+  return apply_silu ? dc_silu<kStore16>(y) : y;
 }
 
 DC_ISA_END

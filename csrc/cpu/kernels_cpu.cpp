@@ -351,8 +351,8 @@ DC_ROW_KERNEL void apply_rows(const scalar_t* __restrict__ x, scalar_t* __restri
     const scalar_t* __restrict__ xr = x + r * stride;
     scalar_t* __restrict__ outr = out + r * stride;
     for (int k = 0; k < W; ++k) {
-      outr[k] = static_cast<scalar_t>(
-          group_norm_act_value<acc_t>(SILU(), pivot[k], mean[k], ca[k], cd[k], static_cast<acc_t>(xr[k])));
+      outr[k] = static_cast<scalar_t>(group_norm_act_value<acc_t, sizeof(scalar_t) == 2>(
+          SILU(), pivot[k], mean[k], ca[k], cd[k], static_cast<acc_t>(xr[k])));
     }
   }
 }
@@ -380,7 +380,7 @@ DC_ROW_KERNEL void apply_plane_rows(const scalar_t* __restrict__ x, scalar_t* __
     scalar_t* __restrict__ outr = out + r * W;
     for (int k = 0; k < W; ++k) {
       const bool second = k >= split;
-      outr[k] = static_cast<scalar_t>(group_norm_act_value<acc_t>(
+      outr[k] = static_cast<scalar_t>(group_norm_act_value<acc_t, sizeof(scalar_t) == 2>(
           SILU(), second ? p1 : p0, second ? m1 : m0, second ? a1 : a0, second ? d1 : d0,
           static_cast<acc_t>(xr[k])));
     }

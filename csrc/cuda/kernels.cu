@@ -176,8 +176,8 @@ __global__ void __launch_bounds__(kMaxThreads) group_norm_act_kernel(const Group
       const GroupNormCoeffs<acc_t> k = group_norm_coeffs<acc_t>(
           s, pivot, weight ? weight[c] : (acc_t)1, bias ? bias[c] : (acc_t)0, scale ? scale[c] : (acc_t)0,
           shift ? shift[c] : (acc_t)0);
-      out[at] = from_acc<scalar_t, acc_t>(group_norm_act_value<acc_t>(SILU, k.pivot, k.mean, k.a, k.d,
-                                                                        to_acc<acc_t>(x[at])));
+      out[at] = from_acc<scalar_t, acc_t>(group_norm_act_value<acc_t, sizeof(scalar_t) == 2>(
+          SILU, k.pivot, k.mean, k.a, k.d, to_acc<acc_t>(x[at])));
     }
     __syncthreads();  // stats and warp_moments are free again
   }
