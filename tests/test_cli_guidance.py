@@ -236,6 +236,7 @@ def test_a_classifier_given_as_the_model_is_named(files, tmp_path, capsys):
     assert err.count("\n") == 1 and not out.exists()
 
 
+@pytest.mark.slow  # compiles; CI runs the slow tests too
 def test_classifier_guidance_with_compile_and_bf16(files, tmp_path, capsys, monkeypatch):
     """--compile compiles the diffusion network inside the guidance wrapper (aot_eager here: seconds, not minutes);
     --precision bf16 runs the model and the classifier's gradient under autocast."""

@@ -18,6 +18,7 @@ from diffcore.samplers import ddim_sample
 from diffcore.schedules import make_schedule
 from diffcore.diffusion import GaussianDiffusion
 from diffcore.unet import UNet
+from helpers import run_cli
 
 torch.set_num_threads(1)
 
@@ -425,7 +426,7 @@ class NotWeights:
 
 
 @pytest.mark.parametrize("case", ["truncated", "object", "not_state_dict", "other_arch"])
-def test_bad_pt_files_one_line_nothing_written(tmp_path, case):
+def test_bad_pt_files_one_line_nothing_written(tmp_path, case, capsys, monkeypatch):
     sd = random_state(adm_layout(layout_flags(small_flags())), seed=14)
     path = tmp_path / "bad.pt"
     if case == "truncated":
@@ -437,10 +438,11 @@ def test_bad_pt_files_one_line_nothing_written(tmp_path, case):
         torch.save([1, 2, 3], path)
     else:
         torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)}, path)
-    r = _cli(path, tmp_path / "out", "--preset", "improved-cifar10", cwd=tmp_path)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("diffcore convert: error:"), r.stderr
+    monkeypatch.chdir(tmp_path)  # in process (the subprocess path is test_pt_file_round_trip_and_cli's)
+    code, _, err = run_cli(capsys, "convert", path, tmp_path / "out", "--preset", "improved-cifar10")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("diffcore convert: error:"), err
     assert {"truncated": "not a readable", "object": "refused to unpickle", "not_state_dict": "expected a state dict",
             "other_arch": "missing"}[case] in lines[0]
     assert not (tmp_path / "out").exists()

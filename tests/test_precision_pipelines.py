@@ -135,6 +135,7 @@ def aot_eager(monkeypatch, tmp_path, module):
     return calls
 
 
+@pytest.mark.slow  # several seconds; CI runs the slow tests too
 def test_restore_compiled_serves_dps(models, monkeypatch, tmp_path):
     trained = models["restore"]
     calls = aot_eager(monkeypatch, tmp_path, restore_pipeline)
@@ -165,6 +166,7 @@ def test_generate_and_bits_per_dim_precision(models):
     assert bpd["fp32"].bpd != bpd["bf16"].bpd and abs(bpd["bf16"].bpd - bpd["fp32"].bpd) <= U * bpd["fp32"].bpd
 
 
+@pytest.mark.slow  # several seconds; CI runs the slow tests too
 def test_evaluate_compiles_once(models, monkeypatch, tmp_path):
     trained = models["eval"]
     calls = aot_eager(monkeypatch, tmp_path, evaluate_pipeline)

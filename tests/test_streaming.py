@@ -157,6 +157,7 @@ def tiny_config(out_dir, data_path, **overrides) -> TrainConfig:
     return TrainConfig(**base)
 
 
+@pytest.mark.slow  # several seconds; CI runs the slow tests too
 def test_training_streamed_equals_in_memory_and_resumes_bit_exact_with_workers(small_folder, tmp_path):
     images, labels, _ = load_image_folder(small_folder, 8, 1)
     memory = Trainer(tiny_config(tmp_path / "memory", small_folder),
