@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import diffcore
 from diffcore.pretrained import load_default
 from diffcore.unet import UNet, UNetConfig
-from diffcore.unet.blocks import AttentionBlock, Downsample, GroupNorm32, ResBlock, Upsample
+import diffcore.unet.blocks as blocks_module
+from diffcore.unet.blocks import AttentionBlock, Downsample, GroupNorm32, ResBlock, Upsample, upsample_conv3x3
 
 
 def ref_norm(gn: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -220,3 +221,72 @@ def test_inference_runs_fused_group_norm_in_channels_last(one_thread, monkeypatc
     calls.clear()
     model(x, t)
     assert calls == []
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape,with_bias", [((2, 3, 5, 7), True), ((1, 4, 1, 3), False), ((3, 2, 4, 4), True)])
+def test_upsample_conv_by_phases_equals_upsample_then_conv(layout, shape, with_bias):
+    """The four 2x2 phase convolutions equal nearest 2x upsampling then the 3x3 conv, written here as
+    repeat_interleave + conv2d: to float64 rounding in float64, float32 rounding in float32; the layout is kept."""
+    torch.manual_seed(8)
+    x = torch.randn(*shape, dtype=torch.float64).contiguous(memory_format=layout)
+    weight = torch.randn(5, shape[1], 3, 3, dtype=torch.float64)
+    bias = torch.randn(5, dtype=torch.float64) if with_bias else None
+    ref = F.conv2d(x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3), weight, bias, padding=1)
+    got = upsample_conv3x3(x, weight, bias)
+    assert got.shape == (shape[0], 5, 2 * shape[2], 2 * shape[3])
+    assert (got - ref).abs().max() <= 1e-12 * ref.abs().max()
+    assert got.is_contiguous(memory_format=layout)
+    got32 = upsample_conv3x3(x.float(), weight.float(), bias.float() if with_bias else None)
+    assert got32.dtype == torch.float32
+    assert (got32.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_upsample_conv_by_phases_under_bf16_autocast(one_thread):
+    """Under bf16 autocast the folded taps (summed in float32, then rounded once) are no less accurate than the
+    plain bf16 upsample + conv, both against float64."""
+    torch.manual_seed(9)
+    x = torch.randn(4, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    weight, bias = 0.1 * torch.randn(16, 16, 3, 3), torch.randn(16)
+    exact = F.conv2d(F.interpolate(x.double(), scale_factor=2.0, mode="nearest"), weight.double(), bias.double(),
+                     padding=1)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = upsample_conv3x3(x, weight, bias)
+        plain = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+    assert got.dtype == plain.dtype == torch.bfloat16
+    err = (got.double() - exact).norm() / exact.norm()
+    err_plain = (plain.double() - exact).norm() / exact.norm()
+    assert err <= 1.5 * err_plain + 1e-4
+
+
+def test_upsample_uses_phases_only_for_cpu_inference(monkeypatch):
+    """Training (autograd on) keeps interpolate + conv; inference on a CPU takes the phase convolutions."""
+    calls = []
+    monkeypatch.setattr(blocks_module, "upsample_conv3x3", lambda *args: calls.append(1) or upsample_conv3x3(*args))
+    up = Upsample(3, use_conv=True)
+    x = torch.randn(2, 3, 4, 4)
+    train_out = up(x)
+    assert calls == [] and train_out.requires_grad
+    with torch.no_grad():
+        infer_out = up(x)
+    assert calls == [1]
+    assert (infer_out - train_out.detach()).abs().max() <= 1e-5 * train_out.abs().max()
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_cpu_attention_runs_in_float32_without_amx(monkeypatch, amx):
+    """bf16 q, k, v on a CPU without AMX are attended in float32 (the result equals float32 attention of the same
+    inputs, rounded once to bf16, and is closer to float64 than bf16 attention); with AMX (simulated) bf16 stays."""
+    monkeypatch.setenv("DIFFCORE_CPU_FEATURES", "amx,avx512_bf16,avx512,avx2" if amx else "avx512_bf16,avx512,avx2,amd")
+    block = AttentionBlock(UNetConfig(image_size=8, model_channels=16, channel_mult=(1, 2), num_heads=2,
+                                      attention_resolutions=(4,)), 16)
+    assert block.float32_on_cpu is (not amx)
+    torch.manual_seed(10)
+    q, k, v = (torch.randn(3, 2, 49, 8).bfloat16() for _ in range(3))
+    got = block.attend(q, k, v)
+    assert got.dtype == torch.bfloat16
+    in_float32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).bfloat16()
+    in_bf16 = F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(got, in_bf16 if amx else in_float32)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert (in_float32.double() - exact).norm() <= (in_bf16.double() - exact).norm()

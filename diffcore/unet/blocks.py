@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..runtime import cpu_features
 from .config import UNetConfig
 
 __all__ = ["timestep_embedding", "GroupNorm32", "fused_group_norm", "Downsample", "Upsample", "ResBlock",
-           "AttentionBlock", "EmbedSequential", "zero_module"]
+           "AttentionBlock", "EmbedSequential", "zero_module", "upsample_conv3x3"]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -128,15 +129,65 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W by nearest-neighbour repetition, then a 3x3 conv when ``use_conv``. ``-> [B,C,2H,2W]``."""
+    """Double H and W by nearest-neighbour repetition, then a 3x3 conv when ``use_conv``. ``-> [B,C,2H,2W]``.
+
+    Inference on a CPU (autograd off) runs the conv as :func:`upsample_conv3x3`: the same numbers (exactly, up to
+    the order of the sums) from 4/9 of the multiplications.
+    """
 
     def __init__(self, channels: int, use_conv: bool):
         super().__init__()
         self.conv = conv3x3(channels, channels) if use_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is not None and not torch.is_grad_enabled() and x.device.type == "cpu":
+            return upsample_conv3x3(x, self.conv.weight, self.conv.bias)
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         return self.conv(x) if self.conv is not None else x
+
+
+#: How a 3x3 kernel applied to a 2x nearest-upsampled image reads the source image, per output phase (even or
+#: odd output row; the same for columns): ``PHASE_TAPS[phase][tap][k]`` is 1 where kernel row k lands on source
+#: row ``i - 1 + phase + tap`` for output row ``2 i + phase``. Even rows read rows i-1, i with taps (w0, w1 + w2);
+#: odd rows read rows i, i+1 with taps (w0 + w1, w2).
+PHASE_TAPS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+
+
+def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor | None") -> torch.Tensor:
+    """``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)`` without upsampling.
+
+    Each of the four output phases (row parity a, column parity b) is a 2x2 convolution of x itself with the 3x3
+    taps summed as :data:`PHASE_TAPS` says: 16 multiplications per source pixel and channel pair instead of 36.
+    Phase (a, b) convolves rows a..a+H, columns b..b+W of x zero-padded by one pixel; four strided copies
+    interleave the phases. (Four convolutions of C_out channels measured faster than one of 4 C_out on the
+    (H+1) x (W+1) grid of a padding-1 conv: 8.4 vs 10.0 ms at [64, 64, 14, 14] bf16, one thread.)
+
+    Args:
+        x: ``[B, C_in, H, W]``, any float dtype and memory format (also under autocast, which the conv follows).
+        weight: ``[C_out, C_in, 3, 3]``; bias: ``[C_out]`` or None.
+
+    Returns:
+        ``[B, C_out, 2H, 2W]`` in the conv's dtype and x's memory format (channels_last stays channels_last).
+        Equal to the upsample-then-conv result in exact arithmetic (float64: 2e-14 apart); in float32 the sums are
+        ordered differently (differences at float32 rounding).
+    """
+    out_channels = weight.shape[0]
+    batch, _, height, width = x.shape
+    with torch.autocast(x.device.type, enabled=False):  # fold the taps in float32 (float64 for float64 weights)
+        folding = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        taps = torch.tensor(PHASE_TAPS, dtype=folding, device=weight.device)
+        phase_weight = torch.einsum("atk,bsl,oikl->aboits", taps, taps, weight.to(folding))
+        phase_weight = phase_weight.to(weight.dtype)  # [2 (row phase), 2 (column phase), C_out, C_in, 2, 2]
+    padded = F.pad(x, (1, 1, 1, 1))
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    phases = {(a, b): F.conv2d(padded[:, :, a:a + height + 1, b:b + width + 1], phase_weight[a, b], bias)
+              for a in (0, 1) for b in (0, 1)}  # each [B, C_out, H, W]
+    out = torch.empty((batch, out_channels, 2 * height, 2 * width), dtype=phases[0, 0].dtype, device=x.device,
+                      memory_format=layout)
+    interleaved = out.view(batch, out_channels, height, 2, width, 2)  # [.., i, a, j, b] is output pixel (2i+a, 2j+b)
+    for (a, b), phase in phases.items():
+        interleaved[:, :, :, a, :, b].copy_(phase)
+    return out
 
 
 class ResBlock(nn.Module):
@@ -194,11 +245,16 @@ class AttentionBlock(nn.Module):
     ``out = softmax(q k^T / sqrt(d)) v`` per head through ``F.scaled_dot_product_attention``, heads
     concatenated, then a zero-initialized output projection; returns ``x + out`` as ``[B, C, H, W]``.
     ``upsample`` marks a block on the U-Net's way up (heads from ``config.num_heads_upsample`` when set).
+
+    On a CPU without AMX, bfloat16 / float16 q, k, v (autocast, half weights) are attended in float32 and the
+    result cast back: torch's CPU attention is no faster in bf16 there (1.33x slower at the packaged model's
+    [64, 4, 49, 16], level at 196-1024 tokens; bench/RESULTS.md), and float32 softmax is the more accurate.
     """
 
     def __init__(self, config: UNetConfig, channels: int, *, upsample: bool = False):
         super().__init__()
         self.num_heads = config.heads_for(channels, upsample=upsample)
+        self.float32_on_cpu = not cpu_features().amx  # a plain bool: torch.compile treats it as a constant
         self.norm = normalization(config, channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj_out = zero_module(nn.Linear(channels, channels))
@@ -208,9 +264,17 @@ class AttentionBlock(nn.Module):
         tokens = self.norm.act(x).flatten(2).transpose(1, 2)  # [B, T, C]; a view for channels_last input
         qkv = self.qkv(tokens).unflatten(-1, (3, self.num_heads, c // self.num_heads))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, T, d]
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = self.attend(q, k, v)
         out = self.proj_out(out.transpose(1, 2).reshape(b, height * width, c))  # [B, T, C]
         return x + out.transpose(1, 2).reshape(b, c, height, width)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``softmax(q k^T / sqrt(d)) v`` for ``[B, heads, T, d]`` q, k, v; float32 inside on a CPU without AMX
+        when they are 16-bit (see the class docstring), returned in q's dtype."""
+        if self.float32_on_cpu and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", enabled=False):
+                return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class EmbedSequential(nn.Sequential):
