@@ -290,3 +290,17 @@ def test_cpu_attention_runs_in_float32_without_amx(monkeypatch, amx):
     assert torch.equal(got, in_bf16 if amx else in_float32)
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert (in_float32.double() - exact).norm() <= (in_bf16.double() - exact).norm()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_channels_last_view_makes_the_first_conv_write_nhwc(channels):
+    """The U-Net's input goes to NHWC strides (a view for one channel, where torch's own conversion keeps NCHW),
+    with the same values, so that the first conv already writes NHWC."""
+    from diffcore.unet.model import channels_last
+
+    torch.manual_seed(11)
+    x = torch.randn(2, channels, 5, 6)[:, :, 1:]  # a non-contiguous input
+    got = channels_last(x)
+    assert torch.equal(got, x)
+    out = F.conv2d(got, torch.randn(4, channels, 3, 3), padding=1)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()

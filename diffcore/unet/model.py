@@ -110,12 +110,9 @@ class UNet(nn.Module):
         if self.label_emb is not None:
             emb = emb + self.label_emb(y)
         # channels_last where the fused GroupNorm runs: the convs then read and write NHWC directly instead of
-        # reordering every activation to oneDNN's blocked layout and back. (Converted after the first conv: with
-        # one input channel, NCHW and NHWC strides coincide and torch would keep NCHW.)
+        # reordering every activation to oneDNN's blocked layout and back.
         fast = fused_group_norm(x)
-        h = self.input_blocks[0](x, emb)
-        if fast:
-            h = h.contiguous(memory_format=torch.channels_last)
+        h = self.input_blocks[0](channels_last(x) if fast else x, emb)
         skips = [h]
         for block in self.input_blocks[1:]:
             h = block(h, emb)
@@ -178,3 +175,16 @@ class UNet(nn.Module):
             if low < 0 or high > cfg.num_classes:
                 raise ValueError(f"y: expected labels in [0, {cfg.num_classes}] ({cfg.num_classes} = null class), "
                                  f"got values in [{low}, {high}]")
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` x with NHWC strides, so that a conv of it writes NHWC: a copy, or for one channel a view.
+
+    With one channel torch keeps NCHW strides in ``x.contiguous(memory_format=torch.channels_last)`` (both layouts
+    hold the same bytes), and a conv of it then writes NCHW; the view with strides ``(H W, 1, W, 1)`` is read as
+    NHWC (the first conv of the packaged model then takes 0.5 instead of 3-4 ms in bf16 with the copy to NHWC after).
+    """
+    if x.shape[1] == 1:
+        height, width = x.shape[2], x.shape[3]
+        return x.contiguous().as_strided(x.shape, (height * width, 1, width, 1))
+    return x.contiguous(memory_format=torch.channels_last)
