@@ -5,7 +5,8 @@ DIFFCORE_NO_CUDA=1 turns it off. The arch list comes from TORCH_CUDA_ARCH_LIST (
 H100). Build with `pip install -e . --no-build-isolation` after installing torch (never let pip resolve torch).
 
 The CPU kernels (csrc/cpu/kernels_cpu.cpp) are compiled once per instruction set: a portable baseline and, on
-x86-64, AVX2 (-march=x86-64-v3) and AVX-512 (-march=x86-64-v4); the extension picks one at run time
+x86-64, AVX2 (-march=x86-64-v3), AVX-512 (-march=x86-64-v4) and AVX-512 with BF16 conversions (x86-64-v4
++ -mavx512bf16: Zen 4, Cooper Lake, Sapphire Rapids and later); the extension picks one at run time
 (csrc/cpu/ops_cpu.cpp). Everything else is compiled for the portable baseline, so one wheel runs on any x86-64 CPU.
 Next to the extension the build writes diffcore/_build_info.json, the torch version it was compiled against.
 """
@@ -76,10 +77,12 @@ def _extensions():
 
 
 def _cpu_isas() -> list[tuple[str, list[str]]]:
-    """(name, extra flags) of each CPU kernel variant: the baseline everywhere, AVX2 and AVX-512 on x86-64."""
+    """(name, extra flags) of each CPU kernel variant: the baseline everywhere, AVX2, AVX-512 and AVX-512 + BF16
+    on x86-64."""
     isas = [("baseline", [])]
     if platform.machine().lower() in ("x86_64", "amd64"):
-        isas += [("avx2", ["-march=x86-64-v3"]), ("avx512", ["-march=x86-64-v4", "-mprefer-vector-width=512"])]
+        avx512 = ["-march=x86-64-v4", "-mprefer-vector-width=512"]
+        isas += [("avx2", ["-march=x86-64-v3"]), ("avx512", avx512), ("avx512_bf16", avx512 + ["-mavx512bf16"])]
     return isas
 
 

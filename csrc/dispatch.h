@@ -26,10 +26,10 @@
 #endif
 
 // The CPU kernel file is compiled once per instruction set (setup.py defines DIFFCORE_CPU_ISA_NS = isa_baseline,
-// isa_avx2, isa_avx512). The inline functions of these headers then live in an inline namespace of that name, so
-// each variant's copies get their own symbol names and the linker can never substitute an AVX-512 copy of a shared
-// inline function for the baseline one (the one-definition-rule trap of per-file instruction-set flags). Elsewhere
-// (CUDA, the bindings) the namespace is absent.
+// isa_avx2, isa_avx512, isa_avx512_bf16). The inline functions of these headers then live in an inline namespace of
+// that name, so each variant's copies get their own symbol names and the linker can never substitute an AVX-512 copy
+// of a shared inline function for the baseline one (the one-definition-rule trap of per-file instruction-set
+// flags). Elsewhere (CUDA, the bindings) the namespace is absent.
 #if defined(DIFFCORE_CPU_ISA_NS)
 #define DC_ISA_BEGIN inline namespace DIFFCORE_CPU_ISA_NS {
 #define DC_ISA_END }

@@ -9,6 +9,10 @@
 
 #include "dispatch.h"
 
+#if defined(__AVX512F__) && !defined(__CUDACC__)
+#include <immintrin.h>
+#endif
+
 namespace diffcore {
 DC_ISA_BEGIN
 
@@ -50,6 +54,15 @@ DC_HD float dc_fma(float a, float b, float c) {
   return a * b + c;
 #endif
 }
+DC_HD double dc_fma(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return fma(a, b, c);
+#elif defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  return __builtin_fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
 
 // exp(xc) = p 2^n for xc in [-103.97, 88.72]: reduction to r = xc - n ln2, |r| <= ln2 / 2, and a polynomial
 // p = exp(r) = 1 + r + r^2 P(r) of degree kDegree. Shared by dc_exp and dc_silu. n is read from the bits of
@@ -64,34 +77,54 @@ struct ExpParts {
   int32_t n;
 };
 
+// Broadcast of a float constant to the value type V of a formula written once for scalars and vectors (the
+// AVX-512 kernel variant instantiates some with __m512, see below).
+DC_HD float dc_splat(float c, float) { return c; }
+
+#if defined(__AVX512F__) && !defined(__CUDACC__)
+// Only in the CPU kernels' AVX-512 variant (compiled with -march=x86-64-v4): the __m512 overloads that let the
+// templates below run on 16 floats at once (GCC's vector operators do +, -, *).
+inline __m512 dc_splat(float c, __m512) { return _mm512_set1_ps(c); }
+inline __m512 dc_fma(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+#endif
+
+// The polynomial part of exp(xc) = p 2^n for V = float (or a vector of floats): returns p and sets *k to
+// xc log2(e) + 1.5 * 2^23, so that n = k - 1.5 * 2^23 and the bits of k are those of 1.5 * 2^23, plus n.
+template <int kDegree, typename V>
+DC_HD V dc_exp_poly(V xc, V* k_out) {
+  static_assert(kDegree >= 4 && kDegree <= 6, "degree 4, 5 or 6");
+  const V magic = dc_splat(12582912.0f, xc);  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+  const V k = dc_fma(xc, dc_splat(1.44269504088896341f, xc), magic);
+  const V n = k - magic;
+  V r, p;
+  if (kDegree == 4) {
+    r = dc_fma(n, dc_splat(-0.693147182f, xc), xc);
+    p = dc_splat(4.1277747602e-2f, xc);
+    p = dc_fma(p, r, dc_splat(1.6753514111e-1f, xc));
+    p = dc_fma(p, r, dc_splat(5.0005114079e-1f, xc));
+  } else if (kDegree == 5) {
+    r = dc_fma(n, dc_splat(2.12194440e-4f, xc), dc_fma(n, dc_splat(-0.693359375f, xc), xc));
+    p = dc_splat(8.3125252277e-3f, xc);
+    p = dc_fma(p, r, dc_splat(4.1890114546e-2f, xc));
+    p = dc_fma(p, r, dc_splat(1.6667114198e-1f, xc));
+    p = dc_fma(p, r, dc_splat(4.9999231100e-1f, xc));
+  } else {
+    r = dc_fma(n, dc_splat(2.12194440e-4f, xc), dc_fma(n, dc_splat(-0.693359375f, xc), xc));
+    p = dc_splat(1.9875691500e-4f, xc);
+    p = dc_fma(p, r, dc_splat(1.3981999507e-3f, xc));
+    p = dc_fma(p, r, dc_splat(8.3334519073e-3f, xc));
+    p = dc_fma(p, r, dc_splat(4.1665795894e-2f, xc));
+    p = dc_fma(p, r, dc_splat(1.6666665459e-1f, xc));
+    p = dc_fma(p, r, dc_splat(5.0000001201e-1f, xc));
+  }
+  *k_out = k;
+  return dc_fma(p, r * r, r) + dc_splat(1.0f, xc);
+}
+
 template <int kDegree = 6>
 DC_HD ExpParts dc_exp_parts(float xc) {
-  static_assert(kDegree >= 4 && kDegree <= 6, "degree 4, 5 or 6");
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  const float k = dc_fma(xc, 1.44269504088896341f, magic);
-  const float n = k - magic;
-  float r, p;
-  if (kDegree == 4) {
-    r = dc_fma(n, -0.693147182f, xc);
-    p = 4.1277747602e-2f;
-    p = dc_fma(p, r, 1.6753514111e-1f);
-    p = dc_fma(p, r, 5.0005114079e-1f);
-  } else if (kDegree == 5) {
-    r = dc_fma(n, 2.12194440e-4f, dc_fma(n, -0.693359375f, xc));
-    p = 8.3125252277e-3f;
-    p = dc_fma(p, r, 4.1890114546e-2f);
-    p = dc_fma(p, r, 1.6667114198e-1f);
-    p = dc_fma(p, r, 4.9999231100e-1f);
-  } else {
-    r = dc_fma(n, 2.12194440e-4f, dc_fma(n, -0.693359375f, xc));
-    p = 1.9875691500e-4f;
-    p = dc_fma(p, r, 1.3981999507e-3f);
-    p = dc_fma(p, r, 8.3334519073e-3f);
-    p = dc_fma(p, r, 4.1665795894e-2f);
-    p = dc_fma(p, r, 1.6666665459e-1f);
-    p = dc_fma(p, r, 5.0000001201e-1f);
-  }
-  p = dc_fma(p, r * r, r) + 1.0f;
+  float k;
+  const float p = dc_exp_poly<kDegree>(xc, &k);
   return ExpParts{p, dc_float_as_int(k) - 0x4b400000};  // the bits of magic + n are those of magic, plus n
 }
 

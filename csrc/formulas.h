@@ -356,12 +356,14 @@ DC_HD GroupStats group_stats(const Moments& m, double eps) {
   return s;
 }
 
-// What the elementwise pass needs for channel c of image b: y = ((x - pivot) - mean) * a + d, then SiLU, with
-// mean relative to the pivot, a = rstd w_c (1 + scale_bc) and d = b_c (1 + scale_bc) + shift_bc (when absent:
-// w = 1, b = 0, scale = 0, shift = 0).
+// What the elementwise pass needs for channel c of image b: y = (x - pivot) a + d, then SiLU, with
+// a = rstd w_c (1 + scale_bc) (rounded to acc_t) and d = b_c (1 + scale_bc) + shift_bc - (mean - pivot) a, the mean
+// folded into d in double (when absent: w = 1, b = 0, scale = 0, shift = 0). x - pivot stays exact near a large
+// common offset (the pivot is one of the group's values); d's rounding is relative to |b (1 + s) + shift| and
+// |mean - pivot| a, about the size of the normalized values.
 template <typename acc_t>
 struct GroupNormCoeffs {
-  acc_t pivot, mean, a, d;
+  acc_t pivot, a, d;
 };
 
 template <typename acc_t>
@@ -370,16 +372,15 @@ DC_HD GroupNormCoeffs<acc_t> group_norm_coeffs(const GroupStats& s, acc_t pivot,
   GroupNormCoeffs<acc_t> c;
   const acc_t factor = (acc_t)1 + scale;
   c.pivot = pivot;
-  c.mean = (acc_t)(s.mean - (double)pivot);
   c.a = (acc_t)s.rstd * weight * factor;
-  c.d = bias * factor + shift;
+  c.d = (acc_t)((double)(bias * factor + shift) - (s.mean - (double)pivot) * (double)c.a);
   return c;
 }
 
 // kStore16: the result is stored in 16 bits (bfloat16 / float16), so the SiLU may take the short exp (dc_silu).
 template <typename acc_t, bool kStore16 = false>
-DC_HD acc_t group_norm_act_value(bool apply_silu, acc_t pivot, acc_t mean, acc_t a, acc_t d, acc_t x) {
-  const acc_t y = ((x - pivot) - mean) * a + d;
+DC_HD acc_t group_norm_act_value(bool apply_silu, acc_t pivot, acc_t a, acc_t d, acc_t x) {
+  const acc_t y = dc_fma(x - pivot, a, d);
   return apply_silu ? dc_silu<kStore16>(y) : y;
 }
 

@@ -108,6 +108,6 @@ struct GroupNormArgs {
   double* workspace;
 };
 
-constexpr int64_t kGroupNormWorkDoubles = 6;
+constexpr int64_t kGroupNormWorkDoubles = 5;
 
 }  // namespace diffcore

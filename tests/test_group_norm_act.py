@@ -129,14 +129,30 @@ def test_large_mean_offset(kind, dtype, offset):
         assert (fused.double() - truth).abs().max().item() < 2e-5
 
 
+def one_group_images(y, kind):
+    """y (1-D) as one image in one group: [1, 1, n] (contiguous), or [1, 32, n / 32, 1] in channels_last with the
+    values in y's order (the channels_last kernels, vectorized over channels); y's length a multiple of 32."""
+    if kind == "contiguous":
+        return y.reshape(1, 1, -1)
+    return y.reshape(1, -1, 1, 32).permute(0, 3, 1, 2)
+
+
+def in_memory_order(t):
+    """The values of one_group_images' output as a 1-D tensor in y's order."""
+    return t.permute(0, 2, 3, 1).reshape(-1) if t.dim() == 4 else t.reshape(-1)
+
+
 @needs_fused
-def test_silu_error_against_float64():
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_silu_error_against_float64(kind):
     """The fast exp (degree 5, fast_math.h) keeps the float32 SiLU within 3.5e-7 of float64 (relative, about 3 ulp;
-    3.3e-7 over every float in [-30, 30]), no worse than twice torch's float32 F.silu."""
-    y = torch.linspace(-30, 30, 200001, dtype=torch.float64)
-    x = y.reshape(1, 1, -1)  # one group: normalization is an affine map we undo through weight and bias
+    3.3e-7 over every float in [-30, 30]), no worse than twice torch's float32 F.silu; in both layouts (channels_last
+    runs the AVX-512 variants' micro-kernel)."""
+    y = torch.linspace(-30, 30, 200001, dtype=torch.float64)[:199968]
+    x = one_group_images(y, kind)  # one group: normalization is an affine map we undo through weight and bias
+    assert x.is_contiguous(memory_format=torch.channels_last if kind == "channels_last" else torch.contiguous_format)
     mean, std = x.mean(), x.var(unbiased=False).add(1e-5).sqrt()
-    weight, bias = std.reshape(1).float(), mean.reshape(1).float()
+    weight, bias = std.expand(x.shape[1]).float(), mean.expand(x.shape[1]).float()
     fused = ops.group_norm_act(x.float(), weight, bias, 1, silu=True, impl="fused").double()
     plain = ops.group_norm_act(x.float(), weight, bias, 1, silu=False, impl="fused")
     truth = plain.double() / (1.0 + torch.exp(-plain.double()))
@@ -146,26 +162,56 @@ def test_silu_error_against_float64():
 
 
 @needs_fused
+@pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16_bit_silu_rounds_a_value_within_1e_5_of_float64(dtype):
+def test_16_bit_silu_rounds_a_value_within_1e_5_of_float64(dtype, kind):
     """For 16-bit outputs the kernel takes the short exp (fast_math.h): its SiLU before rounding is within 1e-5
     (relative) of the float64 SiLU. Checked through the rounding: an output that is not the nearest 16-bit value of
     the float64 SiLU must come from a value on the other side of the midpoint between the two neighbours, so the
     float64 SiLU lies within 1e-5 of that midpoint; and at most 1% of the outputs may differ."""
-    y = torch.linspace(-20, 20, 100001, dtype=torch.float64).to(dtype)  # exact in both widths' float32
-    x = y.reshape(1, 1, -1)  # one group: normalization is an affine map we undo through weight and bias
+    # exact in both widths' float32; first 32 zeros: the pivots (each layout's first values, formulas.h) are 0, so
+    # that the 16-bit and the float32 runs (sums in different orders) normalize to the same y within about 1e-9
+    y = torch.cat([torch.zeros(32), torch.linspace(-20, 20, 100001, dtype=torch.float64)[:99936]]).to(dtype)
+    x = one_group_images(y, kind)  # one group: normalization is an affine map we undo through weight and bias
     mean, std = x.double().mean(), x.double().var(unbiased=False).add(1e-5).sqrt()
-    weight, bias = std.reshape(1).float(), mean.reshape(1).float()
-    fused = ops.group_norm_act(x, weight, bias, 1, silu=True, impl="fused").reshape(-1)
-    plain = ops.group_norm_act(x.float(), weight, bias, 1, silu=False, impl="fused").double().reshape(-1)
+    weight, bias = std.expand(x.shape[1]).float(), mean.expand(x.shape[1]).float()
+    fused = in_memory_order(ops.group_norm_act(x, weight, bias, 1, silu=True, impl="fused"))
+    plain = in_memory_order(ops.group_norm_act(x.float(), weight, bias, 1, silu=False, impl="fused")).double()
     truth = plain / (1.0 + torch.exp(-plain))
     nearest = truth.to(dtype)  # round to nearest even, from float64
-    wrong = fused != nearest
+    wrong = (fused != nearest) & (plain.abs() >= 1e-3)  # (y near 0: more than 1e-5 relative of that 1e-9)
     assert wrong.float().mean().item() <= 0.01
     # (truth within 1.2e-5 of the midpoint also makes the two outputs neighbours: nearest is within half a step)
     midpoint = (fused[wrong].double() + nearest[wrong].double()) / 2
     margin = ((truth[wrong] - midpoint).abs() / truth[wrong].abs()).max().item() if wrong.any() else 0.0
     assert margin <= 1.2e-5, margin  # 1e-5 for the short exp, the rest for the float32 normalization's rounding
+
+
+def tiny_and_nan_case(dtype, kind):
+    """Inputs whose outputs are denormal floats (weight 0, bias 1e-39 and 3e-39: y = bias exactly), with a NaN in
+    image 1 (its group's outputs NaN), C = 64 (whole vector rows in channels_last)."""
+    x, *_ = make_inputs((2, 64, 3, 5), dtype, 8, kind=kind, seed=9)
+    x = x.clone()
+    x[1, 3, 1, 2] = float("nan")
+    weight = torch.zeros(64, dtype=dtype)
+    bias = torch.tensor([1e-39, -3e-39], dtype=torch.float32).repeat(32).to(dtype)
+    return x, weight, bias
+
+
+@needs_fused
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_denormal_outputs_round_as_torch_and_nan_stays_nan(dtype, kind):
+    """Denormal results are rounded as c10 does, not flushed (the AVX512-BF16 conversion flushes them: vectors
+    with one take the integer rounding), and NaN gives NaN: bit for bit equal to the reference."""
+    x, weight, bias = tiny_and_nan_case(dtype, kind)
+    for silu in (False, True):
+        fused = ops.group_norm_act(x, weight, bias, 8, silu=silu, impl="fused")
+        ref = ops.group_norm_act(x, weight, bias, 8, silu=silu, impl="reference")
+        finite = ~ref.isnan()
+        assert torch.equal(fused.isnan(), ref.isnan()) and ref.isnan()[1, :8].all() and finite[0].all()
+        assert torch.equal(fused[finite], ref[finite])
+        assert (fused[finite] != 0).all() and (fused[finite].abs() < 1.2e-38).all()  # denormal, kept
 
 
 @needs_fused
@@ -224,13 +270,20 @@ def variant_cases():
                 cases.append((x, w, b, groups, s, h, True))
             x, *_ = make_inputs((2, 48, 6, 6), dtype, 6, kind=kind, seed=8, offset=50.0)
             cases.append((x, None, None, 6, None, None, False))
+            if dtype in (torch.float32, torch.bfloat16):
+                x, w, b = tiny_and_nan_case(dtype, kind)
+                cases += [(x, w, b, 8, None, None, silu) for silu in (False, True)]
     return cases
 
 
 @needs_fused
 @pytest.mark.slow
 def test_every_cpu_variant_matches_the_reference(tmp_path):
+    """Each variant against the reference; the variants with fused multiply-add (avx2, avx512, avx512_bf16) compute
+    the same operations (the AVX-512 micro-kernels included, see kernels_cpu.cpp), so their outputs are equal bit for
+    bit."""
     expected = [reference.group_norm_act(x, w, b, g, 1e-5, s, h, silu) for x, w, b, g, s, h, silu in variant_cases()]
+    with_fma = {}
     for isa in diffcore.build_info()["cpu_isas"]:
         out = tmp_path / f"{isa}.pt"
         env = dict(os.environ, DIFFCORE_CPU_ISA=isa, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -240,7 +293,20 @@ def test_every_cpu_variant_matches_the_reference(tmp_path):
         assert result["isa"] == isa
         for got, want in zip(result["outputs"], expected, strict=True):
             assert got.stride() == want.stride()
-            torch.testing.assert_close(got.double(), want.double(), **tolerance(want.dtype))
+            torch.testing.assert_close(got.double(), want.double(), **tolerance(want.dtype), equal_nan=True)
+        if isa != "baseline":
+            with_fma[isa] = result["outputs"]
+    first = next(iter(with_fma.values()), [])
+    for isa, outputs in with_fma.items():
+        for got, want in zip(outputs, first, strict=True):
+            assert same_bits(got, want), isa
+
+
+def same_bits(a, b):
+    """a and b equal bit for bit, except that a NaN matches any NaN."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan].view(ints), b[~nan].view(ints))
 
 
 # ---------------------------------------------------------------- autograd, compile

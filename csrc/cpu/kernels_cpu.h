@@ -2,9 +2,10 @@
 // Torch-free: the bindings (csrc/cpu/ops_cpu.cpp) hand over argument structs (kernel_args.h) and a parallel-for.
 //
 // setup.py compiles kernels_cpu.cpp with DIFFCORE_CPU_ISA_NS = isa_baseline (portable x86-64, or the only variant
-// on other architectures), isa_avx2 (x86-64-v3: AVX2, FMA, F16C; FMA contraction stays off) and isa_avx512
-// (x86-64-v4), and defines DIFFCORE_CPU_HAVE_AVX2 / DIFFCORE_CPU_HAVE_AVX512 for the variants it built. The
-// bindings pick one at run time (cpu/ops_cpu.cpp).
+// on other architectures), isa_avx2 (x86-64-v3: AVX2, FMA, F16C; FMA contraction stays off), isa_avx512
+// (x86-64-v4) and isa_avx512_bf16 (x86-64-v4 + AVX512-BF16: vcvtne2ps2bf16 in group_norm_act's bfloat16 stores), and
+// defines DIFFCORE_CPU_HAVE_AVX2 / _AVX512 / _AVX512_BF16 for the variants it built. The bindings pick one at run
+// time (cpu/ops_cpu.cpp).
 #pragma once
 
 #include <stdint.h>
@@ -23,7 +24,7 @@ struct Parallel {
 // The kernels of one instruction set. Each returns false when a dtype or enum value outside its switch reached it
 // (ops.cpp rejects those first), true when it ran.
 struct Kernels {
-  const char* isa;  // "baseline", "avx2" or "avx512"
+  const char* isa;  // "baseline", "avx2", "avx512" or "avx512_bf16"
   bool (*q_sample)(const QSampleArgs&, const Parallel&);
   bool (*ddim_step)(const DdimStepArgs&, const Parallel&);
   bool (*ddpm_step)(const DdpmStepArgs&, const Parallel&);
@@ -42,6 +43,11 @@ const Kernels& kernels();
 #endif
 #if defined(DIFFCORE_CPU_HAVE_AVX512)
 namespace isa_avx512 {
+const Kernels& kernels();
+}
+#endif
+#if defined(DIFFCORE_CPU_HAVE_AVX512_BF16)
+namespace isa_avx512_bf16 {
 const Kernels& kernels();
 }
 #endif

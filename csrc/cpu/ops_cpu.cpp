@@ -1,7 +1,8 @@
 // ops_cpu.cpp: the CPU registration of the diffcore ops. The checks, layouts and output allocation are the
 // device-generic host functions of ops.cpp; this file gives them a Backend that runs the CPU kernels of one
 // instruction-set variant (cpu/kernels_cpu.h), chosen once, at the first call, from what the CPU supports
-// (__builtin_cpu_supports, as ATen does) and the environment variable DIFFCORE_CPU_ISA = baseline | avx2 | avx512.
+// (__builtin_cpu_supports, as ATen does) and the environment variable DIFFCORE_CPU_ISA = baseline | avx2 | avx512 |
+// avx512_bf16.
 // A request above what the CPU runs (or above what was built) is lowered to the best variant that runs, with a
 // warning; an unknown value is an error. Compiled for the portable baseline, like everything outside the variants.
 #include <ATen/Parallel.h>
@@ -28,6 +29,9 @@ std::vector<const Kernels*> built() {
 #if defined(DIFFCORE_CPU_HAVE_AVX512)
   list.push_back(&isa_avx512::kernels());
 #endif
+#if defined(DIFFCORE_CPU_HAVE_AVX512_BF16)
+  list.push_back(&isa_avx512_bf16::kernels());
+#endif
   return list;
 }
 
@@ -38,11 +42,11 @@ bool cpu_runs(const std::string& isa) {
   const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                   __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c");
   if (isa == "avx2") return v3;
-  if (isa == "avx512") {
-    return v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512cd");
-  }
+  const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                  __builtin_cpu_supports("avx512cd");
+  if (isa == "avx512") return v4;
+  if (isa == "avx512_bf16") return v4 && __builtin_cpu_supports("avx512bf16");
 #endif
   return isa == "baseline";
 }
@@ -56,8 +60,8 @@ const Kernels& choose() {
   const char* env = std::getenv("DIFFCORE_CPU_ISA");
   if (env == nullptr || *env == '\0') return *best;
   const std::string wanted(env);
-  TORCH_CHECK(wanted == "baseline" || wanted == "avx2" || wanted == "avx512",
-              "DIFFCORE_CPU_ISA: expected baseline, avx2 or avx512, got '", wanted, "'");
+  TORCH_CHECK(wanted == "baseline" || wanted == "avx2" || wanted == "avx512" || wanted == "avx512_bf16",
+              "DIFFCORE_CPU_ISA: expected baseline, avx2, avx512 or avx512_bf16, got '", wanted, "'");
   for (const Kernels* k : variants) {
     if (wanted == k->isa && cpu_runs(k->isa)) return *k;
   }

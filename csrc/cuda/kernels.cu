@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kMaxThreads) group_norm_act_kernel(const Group
           s, pivot, weight ? weight[c] : (acc_t)1, bias ? bias[c] : (acc_t)0, scale ? scale[c] : (acc_t)0,
           shift ? shift[c] : (acc_t)0);
       out[at] = from_acc<scalar_t, acc_t>(group_norm_act_value<acc_t, sizeof(scalar_t) == 2>(
-          SILU, k.pivot, k.mean, k.a, k.d, to_acc<acc_t>(x[at])));
+          SILU, k.pivot, k.a, k.d, to_acc<acc_t>(x[at])));
     }
     __syncthreads();  // stats and warp_moments are free again
   }
