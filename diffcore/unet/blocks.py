@@ -179,15 +179,22 @@ def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: "torch.Tensor 
         phase_weight = torch.einsum("atk,bsl,oikl->aboits", taps, taps, weight.to(folding))
         phase_weight = phase_weight.to(weight.dtype)  # [2 (row phase), 2 (column phase), C_out, C_in, 2, 2]
     padded = F.pad(x, (1, 1, 1, 1))
-    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    phases = {(a, b): F.conv2d(padded[:, :, a:a + height + 1, b:b + width + 1], phase_weight[a, b], bias)
-              for a in (0, 1) for b in (0, 1)}  # each [B, C_out, H, W]
-    out = torch.empty((batch, out_channels, 2 * height, 2 * width), dtype=phases[0, 0].dtype, device=x.device,
-                      memory_format=layout)
-    interleaved = out.view(batch, out_channels, height, 2, width, 2)  # [.., i, a, j, b] is output pixel (2i+a, 2j+b)
+    nhwc = x.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if nhwc else torch.contiguous_format
+    # each phase [B, C_out, H, W]; the explicit layout keeps torch.compile from choosing NCHW for the padded slices
+    phases = {(a, b): F.conv2d(padded[:, :, a:a + height + 1, b:b + width + 1].contiguous(memory_format=layout),
+                               phase_weight[a, b], bias)
+              for a in (0, 1) for b in (0, 1)}
+    dtype = phases[0, 0].dtype
+    if nhwc:  # output pixel (2i + a, 2j + b) of channel c at [n, i, a, j, b, c]
+        out = torch.empty((batch, height, 2, width, 2, out_channels), dtype=dtype, device=x.device)
+        for (a, b), phase in phases.items():
+            out[:, :, a, :, b, :] = phase.permute(0, 2, 3, 1)
+        return out.view(batch, 2 * height, 2 * width, out_channels).permute(0, 3, 1, 2)
+    out = torch.empty((batch, out_channels, height, 2, width, 2), dtype=dtype, device=x.device)
     for (a, b), phase in phases.items():
-        interleaved[:, :, :, a, :, b].copy_(phase)
-    return out
+        out[:, :, :, a, :, b] = phase
+    return out.view(batch, out_channels, 2 * height, 2 * width)
 
 
 class ResBlock(nn.Module):

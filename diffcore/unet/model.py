@@ -111,8 +111,12 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(y)
         # channels_last where the fused GroupNorm runs: the convs then read and write NHWC directly instead of
         # reordering every activation to oneDNN's blocked layout and back.
+        # (torch.compile lays out the graph's input itself: there the first conv writes NCHW and its output is
+        # converted, as :func:`channels_last`'s strides would not survive.)
         fast = fused_group_norm(x)
-        h = self.input_blocks[0](channels_last(x) if fast else x, emb)
+        h = self.input_blocks[0](channels_last(x) if fast and not torch.compiler.is_compiling() else x, emb)
+        if fast:
+            h = h.contiguous(memory_format=torch.channels_last)  # a no-op after channels_last(x)
         skips = [h]
         for block in self.input_blocks[1:]:
             h = block(h, emb)
