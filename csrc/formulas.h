@@ -386,8 +386,9 @@ DC_HD acc_t group_norm_act_value(bool apply_silu, acc_t pivot, acc_t mean, acc_t
 // ---- attention_qkv (diffcore/reference/attention.py) ----
 //
 // Per query row i of one (sequence, head): s_j = (q_i . k_j) * scale with scale = 1 / sqrt(d), m = max_j s_j
-// (NaN propagates), e_j = exp(s_j - m), out = (sum_j e_j v_j) / (sum_j e_j). The dot products and the weighted
-// sums accumulate by fused multiply-add where the instruction set has it (attention_fma).
+// (NaN propagates), e_j = exp(s_j - m), out = (sum_j e_j v_j) / (sum_j e_j). The CUDA kernel accumulates the dot
+// products and weighted sums by attention_fma (fused multiply-add); the CPU kernels by a multiply and an add on
+// vector types (the build keeps contraction off), in the same float32 (float64) arithmetic.
 template <typename acc_t>
 DC_HD acc_t attention_scale(int64_t head_dim) {
   return (acc_t)(1.0 / sqrt((double)head_dim));
