@@ -66,6 +66,11 @@ namespace isa_avx512 {
 const AttentionKernels& attention_kernels();
 }
 #endif
+#if defined(DIFFCORE_CPU_HAVE_AVX512_BF16)  // a variant another branch adds: its attention kernel is declared here
+namespace isa_avx512_bf16 {
+const AttentionKernels& attention_kernels();
+}
+#endif
 
 }  // namespace cpu
 }  // namespace diffcore

@@ -100,13 +100,16 @@ void group_norm_act_cpu(const GroupNormArgs& a) {
 const AttentionKernels& selected_attention() {
   static const AttentionKernels& kernels = [] () -> const AttentionKernels& {
     const std::string isa = selected().isa;
+#if defined(DIFFCORE_CPU_HAVE_AVX512_BF16)
+    if (isa == "avx512_bf16") return isa_avx512_bf16::attention_kernels();
+#endif
 #if defined(DIFFCORE_CPU_HAVE_AVX512)
     if (isa == "avx512") return isa_avx512::attention_kernels();
 #endif
 #if defined(DIFFCORE_CPU_HAVE_AVX2)
     if (isa == "avx2") return isa_avx2::attention_kernels();
 #endif
-    return isa_baseline::attention_kernels();
+    return isa_baseline::attention_kernels();  // only for "baseline": every variant built is listed above
   }();
   return kernels;
 }
