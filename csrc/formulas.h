@@ -384,5 +384,37 @@ DC_HD acc_t group_norm_act_value(bool apply_silu, acc_t pivot, acc_t a, acc_t d,
   return apply_silu ? dc_silu<kStore16>(y) : y;
 }
 
+// ---- attention_qkv (diffcore/reference/attention.py) ----
+//
+// Per query row i of one (sequence, head): s_j = (q_i . k_j) * scale with scale = 1 / sqrt(d), m = max_j s_j
+// (NaN propagates), e_j = exp(s_j - m), out = (sum_j e_j v_j) / (sum_j e_j). The CUDA kernel accumulates the dot
+// products and weighted sums by attention_fma (fused multiply-add); the CPU kernels by a multiply and an add on
+// vector types (the build keeps contraction off), in the same float32 (float64) arithmetic.
+template <typename acc_t>
+DC_HD acc_t attention_scale(int64_t head_dim) {
+  return (acc_t)(1.0 / sqrt((double)head_dim));
+}
+
+DC_HD float attention_fma(float a, float b, float c) { return dc_fma(a, b, c); }
+DC_HD double attention_fma(double a, double b, double c) { return a * b + c; }
+
+// e_j = exp(s_j - m): in (0, 1] for s_j <= m, 0 for s_j = -inf (a masked or padded key), NaN when either is NaN.
+// float: x = s_j - m <= 0, so exp(x) is taken as 0 below e^-87.33 (the smallest normal float: weights that small
+// change no sum of weights >= 1), and above, p 2^n with the degree-5 polynomial of dc_exp_parts (about 2 ulp) and
+// 2^n added to p's exponent bits, as dc_silu does. double: exp.
+DC_HD float softmax_term(float score, float row_max) {
+  const float x = score - row_max;
+  const ExpParts e = dc_exp_parts<5>(x < -87.33f ? -87.33f : x);
+  const float value = dc_int_as_float(dc_float_as_int(e.p) + (int32_t)((uint32_t)e.n << 23));
+  return x != x ? x : (x < -87.33f ? 0.0f : value);
+}
+DC_HD double softmax_term(double score, double row_max) { return exp(score - row_max); }
+
+// The output channel from its weighted sum and the row's 1 / sum_j e_j.
+template <typename acc_t>
+DC_HD acc_t softmax_output(acc_t weighted_sum, acc_t inv_total) {
+  return weighted_sum * inv_total;
+}
+
 DC_ISA_END
 }  // namespace diffcore

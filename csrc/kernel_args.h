@@ -110,4 +110,15 @@ struct GroupNormArgs {
 
 constexpr int64_t kGroupNormWorkDoubles = 5;
 
+// attention_qkv: B sequences of T tokens; token t of sequence b holds 3 C features (q | k | v, each H heads of
+// d = C / H channels) at qkv + b * batch_stride + t * token_stride (the features dense). out is [B, T, C]
+// contiguous: out[b, i, h d + c] = sum_j softmax_j(q_bhi . k_bhj / sqrt(d)) v_bhj[c].
+struct AttentionArgs {
+  DType dtype;
+  int64_t batch, tokens, heads, head_dim;
+  const void* qkv;
+  int64_t batch_stride, token_stride;  // elements
+  void* out;
+};
+
 }  // namespace diffcore

@@ -23,4 +23,5 @@
     "Tensor alphas_cumprod, int prediction_type, int variance_type) -> Tensor")                                   \
   X(group_norm_act,                                                                                               \
     "(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, Tensor? scale, Tensor? shift, "          \
-    "bool silu) -> Tensor")
+    "bool silu) -> Tensor")                                                                                       \
+  X(attention_qkv, "(Tensor qkv, int num_heads) -> Tensor")

@@ -412,6 +412,26 @@ at::Tensor group_norm_act_impl(const Backend& backend, const at::Tensor& x, cons
   return out;
 }
 
+// ---- attention_qkv ----
+
+at::Tensor attention_qkv_impl(const Backend& backend, const at::Tensor& qkv, int64_t num_heads) {
+  check_float("qkv", qkv);
+  TORCH_CHECK(qkv.dim() == 3, "qkv: expected a tensor [B, T, 3 * C] with 3 dimensions, got shape ", qkv.sizes());
+  TORCH_CHECK(num_heads >= 1, "num_heads: expected an int >= 1, got ", num_heads);
+  const int64_t features = qkv.size(2);
+  TORCH_CHECK(features > 0 && features % (3 * num_heads) == 0, "qkv: expected a last dimension 3 * C with C >= 1 "
+              "a multiple of num_heads = ", num_heads, ", got ", features);
+  const int64_t batch = qkv.size(0), tokens = qkv.size(1), channels = features / 3;
+  // the kernels need dense features; batch and token strides may be anything
+  const at::Tensor q = qkv.stride(2) == 1 ? qkv : qkv.contiguous();
+  at::Tensor out = at::empty({batch, tokens, channels}, qkv.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  AttentionArgs args{dtype_of(qkv), batch, tokens, num_heads, channels / num_heads, q.data_ptr(),
+                     q.stride(0), q.stride(1), out.data_ptr()};
+  backend.attention_qkv(args);
+  return out;
+}
+
 }  // namespace diffcore
 
 // ---- schemas (one block, from op_list.h); the CPU registration is in cpu/ops_cpu.cpp ----

@@ -23,6 +23,7 @@ struct Backend {
   void (*hybrid_loss_backward)(const HybridLossArgs&);
   void (*group_norm_act)(const GroupNormArgs&);
   bool group_norm_needs_workspace;  // CPU: GroupNormArgs::workspace is allocated by the host function
+  void (*attention_qkv)(const AttentionArgs&);
 };
 
 at::Tensor q_sample_impl(const Backend& backend, const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t,
@@ -57,6 +58,8 @@ at::Tensor group_norm_act_impl(const Backend& backend, const at::Tensor& x, cons
                                const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
                                const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                                bool silu);
+
+at::Tensor attention_qkv_impl(const Backend& backend, const at::Tensor& qkv, int64_t num_heads);
 
 // The op entry points of one backend, in the schemas' argument order. Traits provides
 // `static const Backend& backend()` and a `Guard` type constructed from the op's first image tensor (an RAII
@@ -116,6 +119,11 @@ struct BackendOps {
                                    bool silu) {
     const typename Traits::Guard guard(x);
     return group_norm_act_impl(Traits::backend(), x, weight, bias, num_groups, eps, scale, shift, silu);
+  }
+
+  static at::Tensor attention_qkv(const at::Tensor& qkv, int64_t num_heads) {
+    const typename Traits::Guard guard(qkv);
+    return attention_qkv_impl(Traits::backend(), qkv, num_heads);
   }
 };
 

@@ -445,3 +445,56 @@ def _register_fake_and_autograd() -> None:
 
 
 _register_fake_and_autograd()
+
+
+# ---------------------------------------------------------------- attention_qkv
+
+__all__ += ["attention_qkv", "check_attention_args"]
+
+
+def attention_qkv(qkv: torch.Tensor, num_heads: int, *, impl: Impl = "auto") -> torch.Tensor:
+    """Multi-head softmax attention from packed q|k|v features (the U-Net's AttentionBlock), in one pass.
+
+    ``out[b, i, h*d + c] = sum_j softmax_j(q_bhi . k_bhj / sqrt(d)) v_bhj[c]``, the softmax over the T keys (no
+    mask), with d = C / num_heads.
+
+    Args: qkv ``[B, T, 3 * C]`` (float32, float64, bfloat16, float16; any strides with the last dimension dense,
+    else it is made contiguous first), features ordered (q | k | v, head, channel): q of head h is
+    ``qkv[..., h*d:(h+1)*d]``, k at ``C + h*d``, v at ``2*C + h*d``; num_heads an int >= 1 dividing C.
+    Returns ``[B, T, C]`` contiguous in qkv's dtype; arithmetic in float32 (float64 for float64), one rounding at
+    the end. Differentiable in qkv (the backward is the reference's).
+    """
+    check_attention_args(qkv, num_heads)
+    fn = torch.ops.diffcore.attention_qkv if which_impl(qkv, impl) == "fused" else reference.attention_qkv
+    return fn(qkv, num_heads)
+
+
+def check_attention_args(qkv, num_heads, *, errors: V.Errors = V.python_errors) -> None:
+    """What ``attention_qkv`` (and the C++ op) checks."""
+    V.check_float("qkv", qkv, errors=errors)
+    errors(qkv.dim() == 3, ValueError,
+           lambda: f"qkv: expected a tensor [B, T, 3 * C] with 3 dimensions, got shape {tuple(qkv.shape)}")
+    errors(isinstance(num_heads, int) and not isinstance(num_heads, bool), TypeError,
+           lambda: f"num_heads: expected an int, got {type(num_heads).__name__}")
+    errors(num_heads >= 1, ValueError, lambda: f"num_heads: expected an int >= 1, got {num_heads}")
+    features = qkv.shape[2]
+    errors(features > 0 and features % (3 * num_heads) == 0, ValueError,
+           lambda: f"qkv: expected a last dimension 3 * C with C >= 1 a multiple of num_heads = {num_heads}, "
+                   f"got {features}")
+
+
+def _fake_attention_qkv(qkv, num_heads):
+    check_attention_args(qkv, num_heads, errors=V.torch_errors)
+    return qkv.new_empty((qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3))
+
+
+def _register_attention() -> None:
+    """Fake implementation and autograd (the reference's backward) of ``diffcore::attention_qkv``."""
+    if extension.load() is None or not hasattr(torch.ops.diffcore, "attention_qkv"):
+        return
+    torch.library.register_fake("diffcore::attention_qkv", _fake_attention_qkv)
+    torch.library.register_autograd("diffcore::attention_qkv", _reference_backward("attention_qkv"),
+                                    setup_context=_save_inputs)
+
+
+_register_attention()

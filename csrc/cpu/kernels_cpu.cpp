@@ -643,3 +643,283 @@ const Kernels& kernels() { return kKernels; }
 }  // namespace DIFFCORE_CPU_ISA_NS
 }  // namespace cpu
 }  // namespace diffcore
+
+// ---- attention_qkv ----
+//
+// Parallel over (sequence, head) pairs. A task copies its sequence's queries, keys transposed (kt[c][j], zero for
+// the padded keys j >= T up to Tp, a multiple of kAttnLanes) and values (v[j][c], zero for the padded channels
+// c >= d up to dp) of every head into a float scratch (double for float64), then takes a head's queries in tiles of R rows (kAttnRows, then 4, 2
+// and 1 for the last T % kAttnRows): scores of the tile against kAttnLanes keys at a time (R vector accumulators,
+// a multiply and an add per channel), softmax per row (padded keys score -inf, weight 0), and the weighted sum of
+// the values kAttnLanes channels at a time. The tiles use GCC / clang vector types of kAttnLanes values (plain
+// arithmetic: one register on AVX-512 for float, two on AVX2, four on SSE2): left to itself, the auto-vectorizer
+// vectorizes these loops over the channel (the reduction) with transposing permutes instead. The scratch,
+// O(T (3 C + rows)), is allocated once per parallel chunk.
+#include <stdlib.h>  // posix_memalign, free
+#include <string.h>  // memcpy
+
+
+namespace diffcore {
+namespace cpu {
+namespace DIFFCORE_CPU_ISA_NS {
+namespace {
+
+constexpr int kAttnLanes = 16;     // keys per score tile, channels per output tile
+constexpr int kAttnRows = 8;       // query rows per tile
+constexpr int64_t kAttnAlign = 64;  // bytes
+
+// Out of line: each kernel is compiled for its loops alone (as the group_norm row kernels are).
+#define DC_ATTN_KERNEL __attribute__((noinline))
+
+DC_HD int64_t attn_round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// The scratch of one sequence (every head), in acc_t values, each array padded to kAttnLanes values (64 bytes).
+// head(h) points kt, v and q at head h's part.
+template <typename acc_t>
+struct AttnScratch {
+  int64_t tokens, padded_tokens, heads, head_dim, padded_dim;
+  acc_t* kt_all;  // [heads][head_dim][padded_tokens]
+  acc_t* v_all;   // [heads][tokens][padded_dim]
+  acc_t* q_all;   // [heads][tokens][head_dim]
+  acc_t* p;       // [kAttnRows][padded_tokens]: scores, then softmax weights
+  acc_t* kt;      // head h's keys, values and queries (head())
+  acc_t* v;
+  acc_t* q;
+
+  static int64_t values(int64_t tokens, int64_t heads, int64_t head_dim) {
+    const int64_t tp = attn_round_up(tokens, kAttnLanes), dp = attn_round_up(head_dim, kAttnLanes);
+    return heads * (head_dim * tp + tokens * dp) + attn_round_up(heads * tokens * head_dim, kAttnLanes) +
+           kAttnRows * tp;
+  }
+
+  AttnScratch(acc_t* base, int64_t t, int64_t h, int64_t d)
+      : tokens(t), padded_tokens(attn_round_up(t, kAttnLanes)), heads(h), head_dim(d),
+        padded_dim(attn_round_up(d, kAttnLanes)) {
+    kt_all = base;
+    v_all = kt_all + heads * head_dim * padded_tokens;
+    q_all = v_all + heads * tokens * padded_dim;
+    p = q_all + attn_round_up(heads * tokens * head_dim, kAttnLanes);
+    head(0);
+  }
+
+  void head(int64_t h) {
+    kt = kt_all + h * head_dim * padded_tokens;
+    v = v_all + h * tokens * padded_dim;
+    q = q_all + h * tokens * head_dim;
+  }
+};
+
+// Copies the queries, keys (transposed) and values of every head of sequence b into the scratch, reading the
+// sequence's token rows in order (each row's 3 C features are contiguous).
+template <typename scalar_t, typename acc_t>
+void attn_load_sequence(const AttentionArgs& a, int64_t b, const AttnScratch<acc_t>& w) {
+  const int64_t T = a.tokens, H = a.heads, d = a.head_dim, C = H * d, Tp = w.padded_tokens, dp = w.padded_dim;
+  const scalar_t* seq = static_cast<const scalar_t*>(a.qkv) + b * a.batch_stride;
+  for (int64_t j = 0; j < T; ++j) {
+    const scalar_t* row = seq + j * a.token_stride;
+    for (int64_t h = 0; h < H; ++h) {
+      const scalar_t* q = row + h * d;
+      const scalar_t* k = q + C;
+      const scalar_t* v = k + C;
+      acc_t* qd = w.q_all + (h * T + j) * d;
+      for (int64_t c = 0; c < d; ++c) qd[c] = static_cast<acc_t>(q[c]);
+      acc_t* kd = w.kt_all + h * d * Tp + j;
+      for (int64_t c = 0; c < d; ++c) kd[c * Tp] = static_cast<acc_t>(k[c]);
+      acc_t* vd = w.v_all + (h * T + j) * dp;
+      for (int64_t c = 0; c < d; ++c) vd[c] = static_cast<acc_t>(v[c]);
+      for (int64_t c = d; c < dp; ++c) vd[c] = (acc_t)0;
+    }
+  }
+  for (int64_t hc = 0; hc < H * d; ++hc) {
+    for (int64_t j = T; j < Tp; ++j) w.kt_all[hc * Tp + j] = (acc_t)0;
+  }
+}
+
+// kAttnLanes values of acc_t in one vector type.
+template <typename acc_t>
+struct AttnVec {
+  typedef acc_t type __attribute__((vector_size(kAttnLanes * sizeof(acc_t))));
+};
+
+template <typename V>
+DC_HD void attn_load(V& v, const void* p) {
+  memcpy(&v, p, sizeof(V));
+}
+
+// p[r][j] = (q_r . k_j) scale for the R query rows at q (R x d), -inf for the padded keys j >= T.
+template <int R, typename acc_t>
+DC_ATTN_KERNEL void attn_scores(const AttnScratch<acc_t>& w, const acc_t* __restrict__ q, acc_t scale) {
+  using V = typename AttnVec<acc_t>::type;
+  const int64_t T = w.tokens, Tp = w.padded_tokens, d = w.head_dim;
+  for (int64_t j0 = 0; j0 < Tp; j0 += kAttnLanes) {
+    V s[R] = {};
+    for (int64_t c = 0; c < d; ++c) {
+      V kv;
+      attn_load(kv, w.kt + c * Tp + j0);
+      _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) s[r] += q[r * d + c] * kv;
+    }
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
+      const V scaled = s[r] * scale;
+      memcpy(w.p + r * Tp + j0, &scaled, sizeof(V));
+    }
+  }
+  for (int r = 0; r < R; ++r) {  // the padded keys get weight exp(-inf) = 0
+    for (int64_t j = T; j < Tp; ++j) w.p[r * Tp + j] = (acc_t)-INFINITY;
+  }
+}
+
+// a = a + b, or the NaN-propagating max of a and b (dc_max), lane by lane.
+template <bool kMax, typename V>
+DC_HD void attn_combine(V& a, const V& b) {
+  if (kMax) {
+    a = (a > b) | (a != a) ? a : b;
+  } else {
+    a += b;
+  }
+}
+
+// The sum (or NaN-propagating max) of the 16 lanes of v by a tree of halves (4 dependent steps, in registers).
+template <typename acc_t, bool kMax, typename V>
+DC_HD acc_t attn_reduce_lanes(const V& v) {
+  static_assert(kAttnLanes == 16, "a tree over 16 lanes");
+  typedef acc_t V8 __attribute__((vector_size(8 * sizeof(acc_t))));
+  typedef acc_t V4 __attribute__((vector_size(4 * sizeof(acc_t))));
+  typedef acc_t V2 __attribute__((vector_size(2 * sizeof(acc_t))));
+  V8 h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  attn_combine<kMax>(h8, V8(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)));
+  V4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3);
+  attn_combine<kMax>(h4, V4(__builtin_shufflevector(h8, h8, 4, 5, 6, 7)));
+  V2 h2 = __builtin_shufflevector(h4, h4, 0, 1);
+  attn_combine<kMax>(h2, V2(__builtin_shufflevector(h4, h4, 2, 3)));
+  return kMax ? dc_max(h2[0], h2[1]) : h2[0] + h2[1];
+}
+
+// The R rows of p from scores to unnormalized weights e_j = exp(s_j - max_j s_j); inv_total[r] = 1 / sum_j e_j.
+// Phase by phase over the rows, so that their independent reductions overlap.
+template <int R, typename acc_t>
+DC_ATTN_KERNEL void attn_softmax(const AttnScratch<acc_t>& w, acc_t* inv_total) {
+  using V = typename AttnVec<acc_t>::type;
+  const int64_t Tp = w.padded_tokens;
+  acc_t* __restrict__ p = w.p;
+  V acc[R];
+  V x;
+  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) attn_load(acc[r], p + r * Tp);
+  for (int64_t j0 = kAttnLanes; j0 < Tp; j0 += kAttnLanes) {
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
+      attn_load(x, p + r * Tp + j0);
+      attn_combine<true>(acc[r], x);
+    }
+  }
+  acc_t m[R];
+  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) m[r] = attn_reduce_lanes<acc_t, true>(acc[r]);
+  for (int r = 0; r < R; ++r) {
+    acc_t* __restrict__ pr = p + r * Tp;
+    const acc_t mr = m[r];
+    for (int64_t j = 0; j < Tp; ++j) pr[j] = softmax_term(pr[j], mr);
+  }
+  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) attn_load(acc[r], p + r * Tp);
+  for (int64_t j0 = kAttnLanes; j0 < Tp; j0 += kAttnLanes) {
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
+      attn_load(x, p + r * Tp + j0);
+      acc[r] += x;
+    }
+  }
+  _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) {
+    inv_total[r] = (acc_t)1 / attn_reduce_lanes<acc_t, false>(acc[r]);
+  }
+}
+
+// o[r][k] = sum_{j < T} p[r][j] v[j][c0 + k] for the R rows, kAttnLanes channels from c0.
+template <int R, typename acc_t>
+DC_ATTN_KERNEL void attn_weighted_values(const AttnScratch<acc_t>& w, int64_t c0, acc_t (*o)[kAttnLanes]) {
+  using V = typename AttnVec<acc_t>::type;
+  const int64_t T = w.tokens, Tp = w.padded_tokens, dp = w.padded_dim;
+  const acc_t* __restrict__ p = w.p;
+  V acc[R] = {};
+  for (int64_t j = 0; j < T; ++j) {
+    V vv;
+    attn_load(vv, w.v + j * dp + c0);
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; ++r) acc[r] += p[r * Tp + j] * vv;
+  }
+  for (int r = 0; r < R; ++r) memcpy(o[r], &acc[r], sizeof(V));
+}
+
+// Query rows [i0, i0 + R) of head h of sequence b (w: the sequence loaded, pointed at head h).
+template <int R, typename scalar_t, typename acc_t>
+void attn_tile(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, const AttnScratch<acc_t>& w, acc_t scale) {
+  const int64_t T = a.tokens, d = a.head_dim, C = a.heads * d;
+  attn_scores<R, acc_t>(w, w.q + i0 * d, scale);
+  acc_t inv_total[R];
+  attn_softmax<R, acc_t>(w, inv_total);
+  scalar_t* out = static_cast<scalar_t*>(a.out) + (b * T + i0) * C + h * d;
+  for (int64_t c0 = 0; c0 < d; c0 += kAttnLanes) {
+    acc_t o[R][kAttnLanes];
+    attn_weighted_values<R, acc_t>(w, c0, o);
+    const int64_t width = min64(kAttnLanes, d - c0);
+    for (int r = 0; r < R; ++r) {
+      scalar_t* outr = out + r * C + c0;
+      for (int64_t k = 0; k < width; ++k) outr[k] = static_cast<scalar_t>(softmax_output(o[r][k], inv_total[r]));
+    }
+  }
+}
+
+// Head h of sequence b (w: the sequence loaded).
+template <typename scalar_t, typename acc_t>
+void attn_head(const AttentionArgs& a, int64_t b, int64_t h, AttnScratch<acc_t>& w) {
+  static_assert(kAttnRows == 8, "tiles of 8 rows, then 4, 2 and 1");
+  const int64_t T = a.tokens;
+  const acc_t scale = attention_scale<acc_t>(a.head_dim);
+  w.head(h);
+  int64_t i0 = 0;
+  for (; i0 + kAttnRows <= T; i0 += kAttnRows) attn_tile<kAttnRows, scalar_t>(a, b, h, i0, w, scale);
+  if ((T - i0) & 4) {
+    attn_tile<4, scalar_t>(a, b, h, i0, w, scale);
+    i0 += 4;
+  }
+  if ((T - i0) & 2) {
+    attn_tile<2, scalar_t>(a, b, h, i0, w, scale);
+    i0 += 2;
+  }
+  if ((T - i0) & 1) attn_tile<1, scalar_t>(a, b, h, i0, w, scale);
+}
+
+// Parallel over the (sequence, head) pairs; a chunk loads each sequence it touches once (all heads: one pass over
+// its token rows) and runs its pairs of it.
+bool attention_qkv(const AttentionArgs& a, const Parallel& parallel) {
+  if (a.heads <= 0 || a.head_dim <= 0 || a.tokens < 0) return false;
+  return dispatch_dtype<CpuTypes>(a.dtype, [&](auto scalar_tag) {
+    using scalar_t = typename decltype(scalar_tag)::type;
+    using acc_t = acc_type<scalar_t>;
+    const int64_t H = a.heads, pairs = a.batch * H;
+    if (pairs == 0 || a.tokens == 0) return true;
+    const int64_t work = a.tokens * a.tokens * a.head_dim;
+    const int64_t bytes = attn_round_up(
+        AttnScratch<acc_t>::values(a.tokens, H, a.head_dim) * (int64_t)sizeof(acc_t), kAttnAlign);
+    int ok = 1;
+    parallel_for(parallel, pairs, work >= kGrain ? 1 : kGrain / work, [&](int64_t begin, int64_t end) {
+      void* mem = nullptr;
+      if (posix_memalign(&mem, kAttnAlign, (size_t)bytes) != 0) {
+        __atomic_store_n(&ok, 0, __ATOMIC_RELAXED);
+        return;
+      }
+      AttnScratch<acc_t> w(static_cast<acc_t*>(mem), a.tokens, H, a.head_dim);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H;
+        if (bh == begin || bh % H == 0) attn_load_sequence<scalar_t, acc_t>(a, b, w);
+        attn_head<scalar_t, acc_t>(a, b, bh % H, w);
+      }
+      free(mem);
+    });
+    return ok != 0;
+  });
+}
+
+constexpr AttentionKernels kAttentionKernels{DIFFCORE_CPU_ISA_NAME, attention_qkv};
+
+}  // namespace
+
+const AttentionKernels& attention_kernels() { return kAttentionKernels; }
+
+}  // namespace DIFFCORE_CPU_ISA_NS
+}  // namespace cpu
+}  // namespace diffcore

@@ -261,5 +261,64 @@ cudaError_t hybrid_loss_backward(const HybridLossArgs& args, cudaStream_t stream
   return run_hybrid_loss_backward(args, DeviceExec{stream});
 }
 
+// ---- attention_qkv: one block per (sequence, head) in a grid-stride loop, one thread per query row ----
+//
+// Each thread keeps its query and output row in registers / local memory and runs an online softmax over the
+// keys: running max m, sum l of exp(s_j - m) and weighted sum o, both rescaled by exp(m_old - m_new) when the max
+// grows (0 at the first key, where m_old = -inf). NaN in a score makes m, l and o NaN (dc_max propagates it).
+namespace {
+
+constexpr int kAttnThreads = 128;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kAttnThreads) attention_qkv_kernel(const AttentionArgs a) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t T = a.tokens, d = a.head_dim, C = a.heads * d;
+  const acc_t scale = attention_scale<acc_t>(d);
+  for (int64_t bh = blockIdx.x; bh < a.batch * a.heads; bh += gridDim.x) {
+    const int64_t b = bh / a.heads, h = bh % a.heads;
+    const scalar_t* seq = static_cast<const scalar_t*>(a.qkv) + b * a.batch_stride;
+    scalar_t* out = static_cast<scalar_t*>(a.out) + b * T * C + h * d;
+    for (int64_t i = threadIdx.x; i < T; i += blockDim.x) {
+      const scalar_t* q = seq + i * a.token_stride + h * d;
+      acc_t qv[kAttentionMaxHeadDim], o[kAttentionMaxHeadDim];
+      for (int64_t c = 0; c < d; ++c) {
+        qv[c] = to_acc<acc_t>(q[c]);
+        o[c] = (acc_t)0;
+      }
+      acc_t m = (acc_t)-INFINITY, l = (acc_t)0;
+      for (int64_t j = 0; j < T; ++j) {
+        const scalar_t* k = seq + j * a.token_stride + C + h * d;
+        const scalar_t* v = k + C;
+        acc_t dot = (acc_t)0;
+        for (int64_t c = 0; c < d; ++c) dot = attention_fma(qv[c], to_acc<acc_t>(k[c]), dot);
+        const acc_t s = dot * scale;
+        const acc_t m_new = dc_max(m, s);
+        const acc_t correction = softmax_term(m, m_new);
+        const acc_t e = softmax_term(s, m_new);
+        l = l * correction + e;
+        for (int64_t c = 0; c < d; ++c) o[c] = attention_fma(e, to_acc<acc_t>(v[c]), o[c] * correction);
+        m = m_new;
+      }
+      const acc_t inv_total = (acc_t)1 / l;
+      for (int64_t c = 0; c < d; ++c) out[i * C + c] = from_acc<scalar_t, acc_t>(softmax_output(o[c], inv_total));
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t attention_qkv(const AttentionArgs& args, cudaStream_t stream) {
+  if (args.heads <= 0 || args.head_dim <= 0 || args.head_dim > kAttentionMaxHeadDim) return cudaErrorInvalidValue;
+  const int64_t blocks = args.batch * args.heads;
+  if (blocks == 0 || args.tokens == 0) return cudaSuccess;
+  const int threads = args.tokens < kAttnThreads ? (int)((args.tokens + 31) / 32 * 32) : kAttnThreads;
+  return dispatch_dtype<CudaTypes>(args.dtype, [&](auto scalar_tag) {
+    using scalar_t = typename decltype(scalar_tag)::type;
+    attention_qkv_kernel<scalar_t><<<grid_for(blocks), threads, 0, stream>>>(args);
+    return cudaGetLastError();
+  });
+}
+
 }  // namespace cuda
 }  // namespace diffcore

@@ -40,5 +40,11 @@ cudaError_t hybrid_loss_backward(const HybridLossArgs& args, cudaStream_t stream
 // values (shifted sums merged in double, then the elementwise formula of formulas.h).
 cudaError_t group_norm_act(const GroupNormArgs& args, cudaStream_t stream);
 
+// Softmax attention of packed q|k|v features: one block per (sequence, head), one thread per query row, an
+// online softmax over the keys (no scores buffer: any T). Head dims up to kAttentionMaxHeadDim (larger:
+// cudaErrorInvalidValue; the binding checks first).
+constexpr int64_t kAttentionMaxHeadDim = 128;
+cudaError_t attention_qkv(const AttentionArgs& args, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace diffcore

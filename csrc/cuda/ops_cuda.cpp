@@ -48,6 +48,12 @@ void group_norm_act_cuda(const GroupNormArgs& a) {
   check_launch("group_norm_act", cuda::group_norm_act(a, current_stream()));
 }
 
+void attention_qkv_cuda(const AttentionArgs& a) {
+  TORCH_CHECK(a.head_dim <= cuda::kAttentionMaxHeadDim, "qkv: the CUDA attention kernel takes head dims up to ",
+              cuda::kAttentionMaxHeadDim, " (C / num_heads), got ", a.head_dim);
+  check_launch("attention_qkv", cuda::attention_qkv(a, current_stream()));
+}
+
 const Backend kCudaBackend{"cuda",
                            false,  // reading t's values would sync with the host; the Python wrapper checks them
                            q_sample_cuda,
@@ -56,7 +62,8 @@ const Backend kCudaBackend{"cuda",
                            hybrid_loss_forward_cuda,
                            hybrid_loss_backward_cuda,
                            group_norm_act_cuda,
-                           false};  // one block per (image, group) reduces in shared memory: no workspace
+                           false,  // one block per (image, group) reduces in shared memory: no workspace
+                           attention_qkv_cuda};
 
 struct CudaTraits {
   static const Backend& backend() { return kCudaBackend; }
