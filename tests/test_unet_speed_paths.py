@@ -304,3 +304,31 @@ def test_channels_last_view_makes_the_first_conv_write_nhwc(channels):
     assert torch.equal(got, x)
     out = F.conv2d(got, torch.randn(4, channels, 3, 3), padding=1)
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+
+
+def test_inference_runs_fused_attention(one_thread, monkeypatch):
+    """Without autograd on a CPU with the kernels, each attention block is one attention_qkv call on the packed
+    qkv (and the model still equals the former forward); with autograd on, torch's attention runs."""
+    if not diffcore.ops.fused_available("cpu"):
+        pytest.skip("the fused kernels are not built")
+    model = random_model(12)
+    calls = []
+    fused = diffcore.ops.attention_qkv
+
+    def spy(qkv, num_heads, **kwargs):
+        calls.append((tuple(qkv.shape), num_heads))
+        return fused(qkv, num_heads, **kwargs)
+
+    monkeypatch.setattr(diffcore.ops, "attention_qkv", spy)
+    torch.manual_seed(13)
+    x = torch.randn(3, 1, 8, 8)
+    t = torch.randint(0, 1000, (3,))
+    with torch.no_grad():
+        got = model(x, t)
+        ref = reference_forward(model, x, t)
+    blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
+    assert blocks and calls == [((3, 16, 3 * m.qkv.in_features), m.num_heads) for m in blocks]
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    calls.clear()
+    model(x, t)
+    assert calls == []

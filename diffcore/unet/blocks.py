@@ -24,7 +24,8 @@ from ..runtime import cpu_features
 from .config import UNetConfig
 
 __all__ = ["timestep_embedding", "GroupNorm32", "fused_group_norm", "Downsample", "Upsample", "ResBlock",
-           "AttentionBlock", "EmbedSequential", "zero_module", "upsample_conv3x3"]
+           "AttentionBlock", "EmbedSequential", "zero_module", "upsample_conv3x3",
+           "fused_attention"]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -110,6 +111,12 @@ def fused_group_norm(x: torch.Tensor) -> bool:
     the U-Net does not use it there until it has been measured (see issue 16).
     """
     return not torch.is_grad_enabled() and x.device.type == "cpu" and ops.fused_available("cpu")
+
+
+def fused_attention(qkv: torch.Tensor) -> bool:
+    """Whether :class:`AttentionBlock` runs :func:`diffcore.ops.attention_qkv` on ``qkv``: autograd off, qkv on a
+    CPU, kernels built (as :func:`fused_group_norm`; GPUs keep torch's flash attention)."""
+    return fused_group_norm(qkv)
 
 
 def normalization(config: UNetConfig, channels: int) -> GroupNorm32:
@@ -253,9 +260,12 @@ class AttentionBlock(nn.Module):
     concatenated, then a zero-initialized output projection; returns ``x + out`` as ``[B, C, H, W]``.
     ``upsample`` marks a block on the U-Net's way up (heads from ``config.num_heads_upsample`` when set).
 
-    On a CPU without AMX, bfloat16 / float16 q, k, v (autocast, half weights) are attended in float32 and the
-    result cast back: torch's CPU attention is no faster in bf16 there (1.33x slower at the packaged model's
-    [64, 4, 49, 16], level at 196-1024 tokens; bench/RESULTS.md), and float32 softmax is the more accurate.
+    Inference on a CPU with diffcore's kernels (autograd off) runs the attention as one fused op on the packed
+    qkv, :func:`diffcore.ops.attention_qkv` (float32 inside, one rounding to x's dtype; 1.6-1.8x torch's at the
+    packaged model's 49 tokens, no reshapes or casts around it). Elsewhere it is ``F.scaled_dot_product_attention``;
+    on a CPU without AMX, bfloat16 / float16 q, k, v (autocast, half weights) are then attended in float32 and
+    the result cast back: torch's CPU attention is no faster in bf16 there (1.33x slower at [64, 4, 49, 16],
+    level at 196-1024 tokens; bench/RESULTS.md), and float32 softmax is the more accurate.
     """
 
     def __init__(self, config: UNetConfig, channels: int, *, upsample: bool = False):
@@ -269,10 +279,13 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
         tokens = self.norm.act(x).flatten(2).transpose(1, 2)  # [B, T, C]; a view for channels_last input
-        qkv = self.qkv(tokens).unflatten(-1, (3, self.num_heads, c // self.num_heads))
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, T, d]
-        out = self.attend(q, k, v)
-        out = self.proj_out(out.transpose(1, 2).reshape(b, height * width, c))  # [B, T, C]
+        qkv = self.qkv(tokens)  # [B, T, 3C]
+        if fused_attention(qkv):
+            out = ops.attention_qkv(qkv, self.num_heads)  # [B, T, C]
+        else:
+            q, k, v = qkv.unflatten(-1, (3, self.num_heads, c // self.num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+            out = self.attend(q, k, v).transpose(1, 2).reshape(b, height * width, c)  # from [B, heads, T, d]
+        out = self.proj_out(out)  # [B, T, C]
         return x + out.transpose(1, 2).reshape(b, c, height, width)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
