@@ -5,11 +5,7 @@ argument errors."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +13,10 @@ import torch
 import diffcore
 from diffcore import ops, reference
 
+from helpers import outputs_of_cpu_variant
 from op_cases import DTYPES, random_images
 
 needs_fused = pytest.mark.skipif(not ops.fused_available("cpu"), reason="diffcore._C is not built")
-ROOT = Path(__file__).resolve().parents[1]
 # the 2x rule's floor: what both computations may round differently in the output's own precision
 FLOOR = {torch.float64: 1e-13, torch.float32: 2e-7, torch.bfloat16: 0.0, torch.float16: 0.0}
 
@@ -175,13 +171,8 @@ def variant_cases():
 def test_every_cpu_variant_matches_float64(tmp_path):
     cases = variant_cases()
     for isa in diffcore.build_info()["cpu_isas"]:
-        out = tmp_path / f"{isa}.pt"
-        env = dict(os.environ, DIFFCORE_CPU_ISA=isa, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        subprocess.run([sys.executable, "-c", VARIANT_SCRIPT, str(out), str(ROOT / "tests")], env=env, check=True,
-                       cwd=ROOT, timeout=120)
-        result = torch.load(out)
-        assert result["isa"] == isa
-        for got, (qkv, heads) in zip(result["outputs"], cases, strict=True):
+        outputs = outputs_of_cpu_variant(VARIANT_SCRIPT, isa, tmp_path / f"{isa}.pt")
+        for got, (qkv, heads) in zip(outputs, cases, strict=True):
             ref = reference.attention_qkv(qkv, heads)
             assert got.dtype == qkv.dtype and got.is_contiguous()
             assert_within_twice_reference_error(got, ref, expected_float64(qkv, heads), qkv.dtype)

@@ -3,11 +3,7 @@ directly (mean and biased variance per (image, group), not F.group_norm), in bot
 CPU kernel variant; NaN containment, gradients, torch.compile and argument errors."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +12,10 @@ import torch.nn.functional as F
 import diffcore
 from diffcore import ops, reference
 
+from helpers import outputs_of_cpu_variant
 from op_cases import DTYPES, random_images, tolerance
 
 needs_fused = pytest.mark.skipif(not ops.fused_available("cpu"), reason="diffcore._C is not built")
-ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = ["contiguous", "channels_last"]
 # (weight and bias, scale and shift, silu)
 OPTIONS = [(False, False, False), (True, False, False), (False, True, True), (True, True, True)]
@@ -285,17 +281,12 @@ def test_every_cpu_variant_matches_the_reference(tmp_path):
     expected = [reference.group_norm_act(x, w, b, g, 1e-5, s, h, silu) for x, w, b, g, s, h, silu in variant_cases()]
     with_fma = {}
     for isa in diffcore.build_info()["cpu_isas"]:
-        out = tmp_path / f"{isa}.pt"
-        env = dict(os.environ, DIFFCORE_CPU_ISA=isa, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        subprocess.run([sys.executable, "-c", VARIANT_SCRIPT, str(out), str(ROOT / "tests")], env=env, check=True,
-                       cwd=ROOT, timeout=120)
-        result = torch.load(out)
-        assert result["isa"] == isa
-        for got, want in zip(result["outputs"], expected, strict=True):
+        outputs = outputs_of_cpu_variant(VARIANT_SCRIPT, isa, tmp_path / f"{isa}.pt")
+        for got, want in zip(outputs, expected, strict=True):
             assert got.stride() == want.stride()
             torch.testing.assert_close(got.double(), want.double(), **tolerance(want.dtype), equal_nan=True)
         if isa != "baseline":
-            with_fma[isa] = result["outputs"]
+            with_fma[isa] = outputs
     first = next(iter(with_fma.values()), [])
     for isa, outputs in with_fma.items():
         for got, want in zip(outputs, first, strict=True):
