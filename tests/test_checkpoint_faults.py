@@ -169,6 +169,7 @@ def run_killed(target, point: str, step: int) -> None:
 
 @pytest.mark.parametrize("point, visible", [("mid-write", 1), ("before-swap", 1), ("after-swap", 2),
                                             ("mid-delete-old", 2), ("fallback-between-renames", None)])
+@pytest.mark.slow  # multi-second end-to-end test: CI runs it with -m slow
 def test_kill_during_replace_leaves_the_old_or_the_new_checkpoint(tmp_path, point, visible):
     path = tmp_path / "ck"
     save(path, 1)

@@ -385,6 +385,7 @@ def _cli(*args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # multi-second end-to-end test: CI runs it with -m slow
 def test_pt_file_round_trip_and_cli(tmp_path):
     flags = small_flags()
     sd = random_state(adm_layout(layout_flags(flags)), seed=13)

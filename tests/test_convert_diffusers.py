@@ -192,6 +192,7 @@ def test_ddim10_matches_diffusers_scheduler(tmp_path, clip):
     assert (ours - x).abs().max() <= 1e-4
 
 
+@pytest.mark.slow  # multi-second end-to-end test: CI runs it with -m slow
 def test_cli_diffusers_folder_without_config_json(tmp_path):
     (tmp_path / "df").mkdir()
     (tmp_path / "df" / "diffusion_pytorch_model.safetensors").write_bytes(b"")

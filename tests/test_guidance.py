@@ -347,6 +347,7 @@ def stripes(n, generator):
     return sign * rows.expand(n, 1, 8, 8) + 0.2 * torch.randn(n, 1, 8, 8, generator=generator), labels
 
 
+@pytest.mark.slow  # multi-second end-to-end test: CI runs it with -m slow
 def test_noisy_classifier_trains_and_guides():
     torch.manual_seed(0)
     schedule = make_schedule("cosine", 100)

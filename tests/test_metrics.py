@@ -365,6 +365,7 @@ def test_evaluate_on_real_images_ranks_real_above_collapsed_and_noise(fmnist_tes
 
 
 @needs_fmnist
+@pytest.mark.slow  # multi-second end-to-end test: CI runs it with -m slow
 def test_training_is_deterministic_and_refuses_low_accuracy(tmp_path):
     from reproduction import train_classifier
 

@@ -118,6 +118,7 @@ def test_batch_slices_and_buckets():
     assert runtime.default_batch_size(3, "cpu") == 3
 
 
+@pytest.mark.slow  # multi-second end-to-end test: CI runs it with -m slow
 def test_bucketed_model_pads_without_changing_any_output(one_thread, tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     model = small_model(1, num_classes=3)

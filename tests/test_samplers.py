@@ -422,6 +422,7 @@ class ImageGaussian(torch.nn.Module):
 
 
 @pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.slow  # multi-second end-to-end test: CI runs it with -m slow
 def test_sample_front_door_recovers_the_data(fast):
     d = GaussianDiffusion(make_schedule("cosine", 200))
     model = ImageGaussian(d).train()

@@ -311,6 +311,7 @@ print(before, peak_kib())
 """
 
 
+@pytest.mark.slow  # multi-second end-to-end test: CI runs it with -m slow
 def test_memory_stays_flat_over_an_epoch(folder):
     result = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(folder)], capture_output=True, text=True,
                             timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))

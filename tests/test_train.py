@@ -168,6 +168,7 @@ def assert_same_state(a: dict, b: dict, exact: bool = True) -> None:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow  # multi-second end-to-end test: CI runs it with -m slow
 def test_resume_is_exact(tmp_path):
     # dropout, class conditioning with label dropout, flips, accumulation, warm-up, clipping, importance sampling
     overrides = dict(model=tiny_unet(dropout=0.1, num_classes=4), micro_batch_size=4, warmup_steps=3, grad_clip=0.5,
