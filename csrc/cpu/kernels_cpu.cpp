@@ -778,20 +778,17 @@ DC_HD void attn_combine(V& a, const V& b) {
   }
 }
 
-// The sum (or NaN-propagating max) of the 16 lanes of v by a tree of halves (4 dependent steps, in registers).
+// The sum (or NaN-propagating max) of the 16 lanes of v by a tree of halves (lane i with lane i + 8, then i + 4,
+// i + 2, i + 1). Plain array code, which any C++17 compiler takes (GCC's __builtin_shufflevector needs GCC 12).
 template <typename acc_t, bool kMax, typename V>
 DC_HD acc_t attn_reduce_lanes(const V& v) {
   static_assert(kAttnLanes == 16, "a tree over 16 lanes");
-  typedef acc_t V8 __attribute__((vector_size(8 * sizeof(acc_t))));
-  typedef acc_t V4 __attribute__((vector_size(4 * sizeof(acc_t))));
-  typedef acc_t V2 __attribute__((vector_size(2 * sizeof(acc_t))));
-  V8 h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-  attn_combine<kMax>(h8, V8(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)));
-  V4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3);
-  attn_combine<kMax>(h4, V4(__builtin_shufflevector(h8, h8, 4, 5, 6, 7)));
-  V2 h2 = __builtin_shufflevector(h4, h4, 0, 1);
-  attn_combine<kMax>(h2, V2(__builtin_shufflevector(h4, h4, 2, 3)));
-  return kMax ? dc_max(h2[0], h2[1]) : h2[0] + h2[1];
+  acc_t lane[kAttnLanes];
+  memcpy(lane, &v, sizeof(lane));
+  for (int half = kAttnLanes / 2; half >= 1; half /= 2) {
+    for (int i = 0; i < half; ++i) lane[i] = kMax ? dc_max(lane[i], lane[i + half]) : lane[i] + lane[i + half];
+  }
+  return lane[0];
 }
 
 // The R rows of p from scores to unnormalized weights e_j = exp(s_j - max_j s_j); inv_total[r] = 1 / sum_j e_j.
