@@ -632,13 +632,7 @@ bool group_norm_act(const GroupNormArgs& a, const Parallel& parallel) {
   });
 }
 
-// Constant-initialized (no code runs at load time).
-constexpr Kernels kKernels{DIFFCORE_CPU_ISA_NAME, q_sample, ddim_step, ddpm_step, hybrid_loss_forward,
-                           hybrid_loss_backward, group_norm_act};
-
 }  // namespace
-
-const Kernels& kernels() { return kKernels; }
 
 }  // namespace DIFFCORE_CPU_ISA_NS
 }  // namespace cpu
@@ -911,11 +905,13 @@ bool attention_qkv(const AttentionArgs& a, const Parallel& parallel) {
   });
 }
 
-constexpr AttentionKernels kAttentionKernels{DIFFCORE_CPU_ISA_NAME, attention_qkv};
+// Constant-initialized (no code runs at load time).
+constexpr Kernels kKernels{DIFFCORE_CPU_ISA_NAME, q_sample, ddim_step, ddpm_step, hybrid_loss_forward,
+                           hybrid_loss_backward, group_norm_act, attention_qkv};
 
 }  // namespace
 
-const AttentionKernels& attention_kernels() { return kAttentionKernels; }
+const Kernels& kernels() { return kKernels; }
 
 }  // namespace DIFFCORE_CPU_ISA_NS
 }  // namespace cpu

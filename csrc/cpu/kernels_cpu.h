@@ -31,6 +31,7 @@ struct Kernels {
   bool (*hybrid_loss_forward)(const HybridLossArgs&, const Parallel&);
   bool (*hybrid_loss_backward)(const HybridLossArgs&, const Parallel&);
   bool (*group_norm_act)(const GroupNormArgs&, const Parallel&);
+  bool (*attention_qkv)(const AttentionArgs&, const Parallel&);  // also false when its scratch could not be allocated
 };
 
 namespace isa_baseline {
@@ -49,32 +50,6 @@ const Kernels& kernels();
 #if defined(DIFFCORE_CPU_HAVE_AVX512_BF16)
 namespace isa_avx512_bf16 {
 const Kernels& kernels();
-}
-#endif
-
-// The attention kernel of one instruction set (kept apart from Kernels; chosen with the same variant, by name).
-// False when a dtype outside its switch reached it or its scratch could not be allocated.
-struct AttentionKernels {
-  const char* isa;
-  bool (*attention_qkv)(const AttentionArgs&, const Parallel&);
-};
-
-namespace isa_baseline {
-const AttentionKernels& attention_kernels();
-}
-#if defined(DIFFCORE_CPU_HAVE_AVX2)
-namespace isa_avx2 {
-const AttentionKernels& attention_kernels();
-}
-#endif
-#if defined(DIFFCORE_CPU_HAVE_AVX512)
-namespace isa_avx512 {
-const AttentionKernels& attention_kernels();
-}
-#endif
-#if defined(DIFFCORE_CPU_HAVE_AVX512_BF16)  // a variant another branch adds: its attention kernel is declared here
-namespace isa_avx512_bf16 {
-const AttentionKernels& attention_kernels();
 }
 #endif
 

@@ -100,26 +100,8 @@ void group_norm_act_cpu(const GroupNormArgs& a) {
   check_ran(selected().group_norm_act(a, kParallel), "group_norm_act");
 }
 
-// The attention kernel of the variant selected() runs (the same instruction set).
-const AttentionKernels& selected_attention() {
-  static const AttentionKernels& kernels = [] () -> const AttentionKernels& {
-    const std::string isa = selected().isa;
-#if defined(DIFFCORE_CPU_HAVE_AVX512_BF16)
-    if (isa == "avx512_bf16") return isa_avx512_bf16::attention_kernels();
-#endif
-#if defined(DIFFCORE_CPU_HAVE_AVX512)
-    if (isa == "avx512") return isa_avx512::attention_kernels();
-#endif
-#if defined(DIFFCORE_CPU_HAVE_AVX2)
-    if (isa == "avx2") return isa_avx2::attention_kernels();
-#endif
-    return isa_baseline::attention_kernels();  // only for "baseline": every variant built is listed above
-  }();
-  return kernels;
-}
-
 void attention_qkv_cpu(const AttentionArgs& a) {
-  TORCH_CHECK(selected_attention().attention_qkv(a, kParallel), "diffcore::attention_qkv: the CPU kernel could not "
+  TORCH_CHECK(selected().attention_qkv(a, kParallel), "diffcore::attention_qkv: the CPU kernel could not "
               "allocate its scratch (", a.tokens, " tokens, head dim ", a.head_dim, ") or got a dtype it does not know");
 }
 
